@@ -1,0 +1,40 @@
+/* forward: one step of the model over a batch of sequences.
+ *
+ * Written once against kernels/backend.h, llama2.c-style: the layer loop
+ * reads like the model. Each sequence contributes n_tokens new tokens at
+ * positions pos0 .. pos0+n_tokens-1 (prefill chunks and single decode
+ * tokens mix freely); their latent rows are written to the paged cache and
+ * attention runs in the absorbed MLA form over it. */
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/moerr.h"
+#include "engine/kvcache.h"
+#include "engine/model.h"
+
+struct fwd_seq {
+        struct kv_seq *kv;      /* must hold blocks for pos0 + n_tokens */
+        const int32_t *tokens;  /* n_tokens ids */
+        int64_t n_tokens;
+        int64_t pos0;           /* tokens already in the cache */
+        bool all_logits;        /* logits for every token, else the last only */
+};
+
+struct fwd_ctx;
+
+/* Scratch for up to max_tokens tokens per step. */
+int fwd_new(struct mo_model *m, mo_backend *b, int64_t max_tokens, struct fwd_ctx **out,
+            struct moerr *e);
+void fwd_free(struct fwd_ctx *f);
+
+/* Runs one step. logits (host memory) receives, in sequence order, n_tokens
+ * rows per all_logits sequence and one row per other sequence, n_vocab each.
+ * Sets each seq's kv->n_tokens to pos0 + n_tokens. */
+int fwd_step(struct fwd_ctx *f, struct kv_cache *kv, struct fwd_seq *seqs, int n_seqs,
+             float *logits, struct moerr *e);
+
+/* Reference attention for tests: when set, attention runs in the
+ * decompressed form (k_nope and v rebuilt per cached token, F32) instead of
+ * the absorbed one. */
+void fwd_set_decompressed(struct fwd_ctx *f, bool on);

@@ -1,0 +1,1 @@
+/* gguf-write.c: not written yet. */

@@ -1,0 +1,1 @@
+/* kvcache.c: not written yet. */

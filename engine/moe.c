@@ -1,0 +1,1 @@
+/* moe.c: not written yet. */

@@ -1,0 +1,1 @@
+/* cpu-backend.c: not written yet. */

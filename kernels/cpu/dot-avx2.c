@@ -1,0 +1,1 @@
+/* dot-avx2.c: not written yet. */

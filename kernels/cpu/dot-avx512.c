@@ -1,0 +1,1 @@
+/* dot-avx512.c: not written yet. */

@@ -1,0 +1,1 @@
+/* dot.c: not written yet. */

@@ -1,0 +1,1 @@
+/* quant.c: not written yet. */

@@ -1,0 +1,1 @@
+/* fuzz-gguf.c: not written yet. */

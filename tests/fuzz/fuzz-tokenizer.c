@@ -1,0 +1,1 @@
+/* fuzz-tokenizer.c: not written yet. */

@@ -1,0 +1,3 @@
+/* test-fixture: not written yet; fails until it is. */
+#include <stdio.h>
+int main(void) { fprintf(stderr, "test-fixture: not written yet\n"); return 1; }

@@ -1,0 +1,3 @@
+/* test-moe: not written yet; fails until it is. */
+#include <stdio.h>
+int main(void) { fprintf(stderr, "test-moe: not written yet\n"); return 1; }

@@ -1,0 +1,1 @@
+/* fixture.c: not written yet. */

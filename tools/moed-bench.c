@@ -1,0 +1,1 @@
+/* moed-bench.c: not written yet. */

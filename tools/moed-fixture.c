@@ -1,0 +1,1 @@
+/* moed-fixture.c: not written yet. */

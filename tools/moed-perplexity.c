@@ -1,0 +1,1 @@
+/* moed-perplexity.c: not written yet. */

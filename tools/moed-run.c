@@ -1,0 +1,1 @@
+/* moed-run.c: not written yet. */

@@ -1,0 +1,1 @@
+/* moed-tokenize.c: not written yet. */

@@ -1,0 +1,1 @@
+/* vocab-json.c: not written yet. */
