@@ -1,1 +1,495 @@
-/* forward.c: not written yet. */
+/* forward: the deepseek2 forward pass over a batch of sequences, written
+ * once against the backend interface. The layer loop reads like the model
+ * (MODEL-SPEC.md section 4); all arithmetic happens in kernels/, except the
+ * expert routing decision, which runs on the host over the router logits. */
+#include "engine/forward.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/cleanup.h"
+#include "engine/moe.h"
+#include "kernels/quant.h"
+
+struct fwd_ctx {
+        struct mo_model *m;
+        mo_backend *b;
+        int64_t max_tokens;
+        bool decompressed;
+
+        /* backend memory, sized for max_tokens rows */
+        float *x;        /* [T][E] residual stream */
+        float *h;        /* [T][E] normed input of a block */
+        float *tmp;      /* [T][E] block output */
+        float *moe_out;  /* [T][E] routed experts' sum */
+        float *cq;       /* [T][Rq] */
+        float *q;        /* [T][H][nope+rope] */
+        float *kva;      /* [T][Rkv+rope] new cache rows */
+        float *q_lat;    /* [T][H][Rkv] */
+        float *q_pe;     /* [T][H][rope] */
+        float *o_lat;    /* [T][H][Rkv] */
+        float *o;        /* [T][H][v] */
+        float *gate, *up; /* [T][max FFN] */
+        float *router;   /* [T][X] */
+        float *xe, *ye;  /* [T][E] one expert's inputs and outputs */
+        float *logits;   /* [n_logits_cap][V] */
+        int64_t n_logits_cap;
+
+        /* host memory */
+        int32_t *tok, *pos, *out_rows;
+        float *router_host;
+        int32_t *exp_ids;
+        float *exp_w;
+        int64_t *exp_start;
+        int32_t *exp_order;
+        int32_t *rows_e;
+        float *w_e;
+        float *route_scratch;
+
+        /* decompressed reference: per layer W_UK [H][nope][Rkv], W_UV [H][v][Rkv] */
+        float **wuk, **wuv;
+};
+
+#define OPS(f) ((f)->b->ops)
+
+static float *dev_alloc(struct fwd_ctx *f, int64_t n_floats, bool *ok)
+{
+        float *p = OPS(f)->alloc(f->b, (size_t)(n_floats > 0 ? n_floats : 1) * sizeof(float));
+
+        if (!p)
+                *ok = false;
+        return p;
+}
+
+static int64_t max_ffn(const struct mo_hparams *hp)
+{
+        int64_t n = MO_MAX(hp->n_ff, hp->n_ff_exp);
+
+        return MO_MAX(n, hp->n_expert_shared * hp->n_ff_exp);
+}
+
+int fwd_new(struct mo_model *m, mo_backend *b, int64_t max_tokens, struct fwd_ctx **out,
+            struct moerr *e)
+{
+        const struct mo_hparams *hp = &m->hp;
+        int64_t T = max_tokens, E = hp->n_embd, H = hp->n_head, dk = hp->n_nope + hp->n_rot;
+        int64_t X = MO_MAX(hp->n_expert, 1), K = MO_MAX(hp->n_expert_used, 1);
+        struct fwd_ctx *f;
+        bool ok = true;
+
+        if (max_tokens <= 0 || max_tokens > (1 << 20))
+                return moerr_set(e, -EINVAL, "batch size %lld is out of range", (long long)max_tokens);
+        f = calloc(1, sizeof *f);
+        if (!f)
+                return moerr_set(e, -ENOMEM, "out of memory");
+        f->m = m;
+        f->b = b;
+        f->max_tokens = T;
+        f->x = dev_alloc(f, T * E, &ok);
+        f->h = dev_alloc(f, T * E, &ok);
+        f->tmp = dev_alloc(f, T * E, &ok);
+        f->moe_out = dev_alloc(f, T * E, &ok);
+        f->cq = dev_alloc(f, T * hp->q_lora, &ok);
+        f->q = dev_alloc(f, T * H * dk, &ok);
+        f->kva = dev_alloc(f, T * (hp->kv_lora + hp->n_rot), &ok);
+        f->q_lat = dev_alloc(f, T * H * hp->kv_lora, &ok);
+        f->q_pe = dev_alloc(f, T * H * hp->n_rot, &ok);
+        f->o_lat = dev_alloc(f, T * H * hp->kv_lora, &ok);
+        f->o = dev_alloc(f, T * H * hp->n_v, &ok);
+        f->gate = dev_alloc(f, T * max_ffn(hp), &ok);
+        f->up = dev_alloc(f, T * max_ffn(hp), &ok);
+        f->router = dev_alloc(f, T * X, &ok);
+        f->xe = dev_alloc(f, T * E, &ok);
+        f->ye = dev_alloc(f, T * E, &ok);
+        f->tok = calloc(T, sizeof *f->tok);
+        f->pos = calloc(T, sizeof *f->pos);
+        f->out_rows = calloc(T, sizeof *f->out_rows);
+        f->router_host = calloc(T * X, sizeof *f->router_host);
+        f->exp_ids = calloc(T * K, sizeof *f->exp_ids);
+        f->exp_w = calloc(T * K, sizeof *f->exp_w);
+        f->exp_start = calloc(X + 1, sizeof *f->exp_start);
+        f->exp_order = calloc(T * K, sizeof *f->exp_order);
+        f->rows_e = calloc(T * K, sizeof *f->rows_e);
+        f->w_e = calloc(T * K, sizeof *f->w_e);
+        f->route_scratch = calloc(2 * X, sizeof *f->route_scratch);
+        if (!ok || !f->tok || !f->pos || !f->out_rows || !f->router_host || !f->exp_ids || !f->exp_w ||
+            !f->exp_start || !f->exp_order || !f->rows_e || !f->w_e || !f->route_scratch) {
+                fwd_free(f);
+                return moerr_set(e, -ENOMEM, "out of memory for a batch of %lld tokens", (long long)T);
+        }
+        *out = f;
+        return 0;
+}
+
+void fwd_free(struct fwd_ctx *f)
+{
+        float **dev[] = { &f->x, &f->h, &f->tmp, &f->moe_out, &f->cq, &f->q, &f->kva, &f->q_lat,
+                          &f->q_pe, &f->o_lat, &f->o, &f->gate, &f->up, &f->router, &f->xe,
+                          &f->ye, &f->logits };
+
+        if (!f)
+                return;
+        for (size_t i = 0; i < ARRAY_SIZE(dev); i++)
+                if (*dev[i])
+                        OPS(f)->free(f->b, *dev[i]);
+        if (f->wuk)
+                for (int64_t l = 0; l < f->m->hp.n_layer; l++) {
+                        free(f->wuk[l]);
+                        free(f->wuv[l]);
+                }
+        free(f->wuk);
+        free(f->wuv);
+        free(f->tok);
+        free(f->pos);
+        free(f->out_rows);
+        free(f->router_host);
+        free(f->exp_ids);
+        free(f->exp_w);
+        free(f->exp_start);
+        free(f->exp_order);
+        free(f->rows_e);
+        free(f->w_e);
+        free(f->route_scratch);
+        free(f);
+}
+
+void fwd_set_decompressed(struct fwd_ctx *f, bool on)
+{
+        f->decompressed = on;
+}
+
+/* ---- blocks ---- */
+
+static void matmul(struct fwd_ctx *f, const mo_weight *w, const float *x, int64_t x_stride,
+                   float *y, int64_t y_stride, int64_t n)
+{
+        OPS(f)->matmul(f->b, w, x, x_stride, y, y_stride, n);
+}
+
+static void rmsnorm(struct fwd_ctx *f, const float *x, int64_t stride, const float *g, int64_t dim,
+                    int64_t n, float *y, int64_t y_stride)
+{
+        OPS(f)->rmsnorm(f->b, x, stride, g, dim, n, f->m->hp.rms_eps, y, y_stride);
+}
+
+/* y = down(silu(gate(x)) * up(x)) for n rows of x. */
+static void swiglu_ffn(struct fwd_ctx *f, const mo_weight *gate, const mo_weight *up,
+                       const mo_weight *down, const float *x, int64_t n, float *y)
+{
+        int64_t E = f->m->hp.n_embd, F = gate->nrows;
+
+        matmul(f, gate, x, E, f->gate, F, n);
+        matmul(f, up, x, E, f->up, F, n);
+        OPS(f)->swiglu(f->b, f->gate, f->up, f->gate, n * F);
+        matmul(f, down, f->gate, F, y, E, n);
+}
+
+/* Queries and the new cache rows of n tokens: q = [q_nope | q_pe] per head,
+ * kva = [c | k_pe]; the rotary parts rotated, c normalised. */
+static void mla_project(struct fwd_ctx *f, const struct mo_layer *L, int64_t n)
+{
+        const struct mo_hparams *hp = &f->m->hp;
+        int64_t E = hp->n_embd, H = hp->n_head, dk = hp->n_nope + hp->n_rot;
+        int64_t R = hp->kv_lora + hp->n_rot;
+
+        if (hp->q_lora > 0) {
+                matmul(f, &L->attn_q_a, f->h, E, f->cq, hp->q_lora, n);
+                rmsnorm(f, f->cq, hp->q_lora, L->attn_q_a_norm, hp->q_lora, n, f->cq, hp->q_lora);
+                matmul(f, &L->attn_q_b, f->cq, hp->q_lora, f->q, H * dk, n);
+        } else {
+                matmul(f, &L->attn_q, f->h, E, f->q, H * dk, n);
+        }
+        matmul(f, &L->attn_kv_a_mqa, f->h, E, f->kva, R, n);
+        rmsnorm(f, f->kva, R, L->attn_kv_a_norm, hp->kv_lora, n, f->kva, R);
+        OPS(f)->rope(f->b, f->kva + hp->kv_lora, n, 1, R, 0, f->pos, &f->m->rope);
+        for (int64_t i = 0; i < n * H; i++)
+                OPS(f)->copy(f->b, f->q_pe + i * hp->n_rot, f->q + i * dk + hp->n_nope,
+                             hp->n_rot * sizeof(float));
+        OPS(f)->rope(f->b, f->q_pe, n, H, H * hp->n_rot, hp->n_rot, f->pos, &f->m->rope);
+}
+
+static void kv_store(struct fwd_ctx *f, struct kv_cache *kv, const struct fwd_seq *s, int64_t il,
+                     int64_t row0)
+{
+        int64_t R = f->m->hp.kv_lora + f->m->hp.n_rot;
+
+        for (int64_t i = 0; i < s->n_tokens; i++)
+                OPS(f)->copy(f->b, kv_row(kv, s->kv, il, s->pos0 + i), f->kva + (row0 + i) * R,
+                             R * sizeof(float));
+}
+
+/* Absorbed MLA: queries move into latent space (q_lat = W_UK^T q_nope),
+ * attention runs over the cached latents, and the result moves out through
+ * W_UV; K and V are never materialised. */
+static void mla_absorbed(struct fwd_ctx *f, const struct mo_layer *L, struct kv_cache *kv,
+                         const struct fwd_seq *seqs, int n_seqs, int64_t il, int64_t n)
+{
+        const struct mo_hparams *hp = &f->m->hp;
+        int64_t H = hp->n_head, dk = hp->n_nope + hp->n_rot, Rkv = hp->kv_lora;
+        int64_t row0 = 0;
+
+        for (int64_t h = 0; h < H; h++)
+                matmul(f, &L->k_b[h], f->q + h * dk, H * dk, f->q_lat + h * Rkv, H * Rkv, n);
+        for (int s = 0; s < n_seqs; s++) {
+                mo_mla_args a = {
+                        .q_lat = f->q_lat + row0 * H * Rkv,
+                        .q_pe = f->q_pe + row0 * H * hp->n_rot,
+                        .out_lat = f->o_lat + row0 * H * Rkv,
+                        .n_q = seqs[s].n_tokens,
+                        .n_head = H,
+                        .kv_lora = Rkv,
+                        .rope = hp->n_rot,
+                        .kv = kv_layer(kv, il),
+                        .block_table = seqs[s].kv->blocks,
+                        .block_tokens = kv_get_config(kv)->block_tokens,
+                        .pos0 = seqs[s].pos0,
+                        .scale = f->m->kq_scale,
+                };
+                OPS(f)->mla_attn(f->b, &a);
+                row0 += seqs[s].n_tokens;
+        }
+        for (int64_t h = 0; h < H; h++)
+                matmul(f, &L->v_b[h], f->o_lat + h * Rkv, H * Rkv, f->o + h * hp->n_v, H * hp->n_v, n);
+}
+
+static int decompressed_weights(struct fwd_ctx *f, int64_t il)
+{
+        const struct mo_hparams *hp = &f->m->hp;
+        const struct mo_layer *L = &f->m->layers[il];
+        int64_t H = hp->n_head, Rkv = hp->kv_lora, dn = hp->n_nope, dv = hp->n_v;
+        _cleanup_free_ float *row = malloc(MO_MAX(dn, Rkv) * sizeof(float));
+        float *wuk, *wuv;
+
+        if (!f->wuk) {
+                f->wuk = calloc(hp->n_layer, sizeof *f->wuk);
+                f->wuv = calloc(hp->n_layer, sizeof *f->wuv);
+                if (!f->wuk || !f->wuv)
+                        return -ENOMEM;
+        }
+        if (f->wuk[il])
+                return 0;
+        wuk = f->wuk[il] = malloc(H * dn * Rkv * sizeof(float));
+        wuv = f->wuv[il] = malloc(H * dv * Rkv * sizeof(float));
+        if (!wuk || !wuv || !row)
+                return -ENOMEM;
+        for (int64_t h = 0; h < H; h++) {
+                const mo_weight *kb = &L->k_b[h], *vb = &L->v_b[h];
+                for (int64_t c = 0; c < Rkv; c++) { /* k_b rows are W_UK columns */
+                        mo_dequantize_row(kb->type, (const char *)kb->data + c * kb->row_bytes, row, dn);
+                        for (int64_t d = 0; d < dn; d++)
+                                wuk[(h * dn + d) * Rkv + c] = row[d];
+                }
+                for (int64_t t = 0; t < dv; t++)
+                        mo_dequantize_row(vb->type, (const char *)vb->data + t * vb->row_bytes,
+                                          wuv + (h * dv + t) * Rkv, Rkv);
+        }
+        return 0;
+}
+
+static double dotd(const float *a, const float *b, int64_t n)
+{
+        double s = 0;
+
+        for (int64_t i = 0; i < n; i++)
+                s += (double)a[i] * b[i];
+        return s;
+}
+
+/* Reference attention in the decompressed form, straight from the paper:
+ * k_nope and v are rebuilt from each cached latent. Host memory only. */
+static int mla_decompressed(struct fwd_ctx *f, struct kv_cache *kv, const struct fwd_seq *seqs,
+                            int n_seqs, int64_t il)
+{
+        const struct mo_hparams *hp = &f->m->hp;
+        int64_t H = hp->n_head, dk = hp->n_nope + hp->n_rot, Rkv = hp->kv_lora;
+        int64_t dn = hp->n_nope, dv = hp->n_v, row0 = 0;
+        _cleanup_free_ double *score = NULL;
+        _cleanup_free_ float *k = malloc(MO_MAX(dn, dv) * sizeof(float));
+        int r;
+
+        if ((r = decompressed_weights(f, il)) < 0)
+                return r;
+        for (int s = 0; s < n_seqs; s++) {
+                int64_t n_ctx = seqs[s].pos0 + seqs[s].n_tokens;
+                free(score);
+                score = malloc(n_ctx * sizeof *score);
+                if (!score || !k)
+                        return -ENOMEM;
+                for (int64_t i = 0; i < seqs[s].n_tokens; i++) {
+                        int64_t p = seqs[s].pos0 + i, gi = row0 + i;
+                        for (int64_t h = 0; h < H; h++) {
+                                const float *qn = f->q + (gi * H + h) * dk;
+                                const float *qp = f->q_pe + (gi * H + h) * hp->n_rot;
+                                const float *wuk = f->wuk[il] + h * dn * Rkv;
+                                const float *wuv = f->wuv[il] + h * dv * Rkv;
+                                double mx = -INFINITY, sum = 0;
+                                float *o = f->o + gi * H * dv + h * dv;
+
+                                for (int64_t j = 0; j <= p; j++) {
+                                        const float *c = kv_row(kv, seqs[s].kv, il, j);
+                                        for (int64_t d = 0; d < dn; d++)
+                                                k[d] = (float)dotd(wuk + d * Rkv, c, Rkv);
+                                        score[j] = f->m->kq_scale * (dotd(qn, k, dn) + dotd(qp, c + Rkv, hp->n_rot));
+                                        mx = fmax(mx, score[j]);
+                                }
+                                for (int64_t j = 0; j <= p; j++)
+                                        sum += score[j] = exp(score[j] - mx);
+                                for (int64_t t = 0; t < dv; t++)
+                                        o[t] = 0;
+                                for (int64_t j = 0; j <= p; j++) {
+                                        const float *c = kv_row(kv, seqs[s].kv, il, j);
+                                        for (int64_t t = 0; t < dv; t++)
+                                                o[t] += (float)(score[j] / sum * dotd(wuv + t * Rkv, c, Rkv));
+                                }
+                        }
+                }
+                row0 += seqs[s].n_tokens;
+        }
+        return 0;
+}
+
+static void moe_ffn(struct fwd_ctx *f, const struct mo_layer *L, int64_t n)
+{
+        const struct mo_hparams *hp = &f->m->hp;
+        int64_t E = hp->n_embd, X = hp->n_expert, K = hp->n_expert_used, Fe = hp->n_ff_exp;
+        struct moe_router router = f->m->router_proto;
+
+        matmul(f, &L->ffn_gate_inp, f->h, E, f->router, X, n);
+        OPS(f)->download(f->b, f->router_host, f->router, n * X * sizeof(float));
+        router.bias = L->exp_probs_b;
+        for (int64_t i = 0; i < n; i++)
+                moe_route(&router, f->router_host + i * X, f->exp_ids + i * K, f->exp_w + i * K,
+                          f->route_scratch);
+        moe_group_by_expert((int)X, (int)K, n, f->exp_ids, f->exp_start, f->exp_order);
+
+        OPS(f)->zero(f->b, f->moe_out, n * E * sizeof(float));
+        for (int64_t x = 0; x < X; x++) {
+                int64_t c = f->exp_start[x + 1] - f->exp_start[x];
+                if (c == 0)
+                        continue;
+                for (int64_t j = 0; j < c; j++) {
+                        int32_t pair = f->exp_order[f->exp_start[x] + j];
+                        f->rows_e[j] = pair / (int32_t)K;
+                        f->w_e[j] = f->exp_w[pair];
+                }
+                OPS(f)->gather_rows(f->b, f->h, E, f->rows_e, c, f->xe);
+                matmul(f, &L->gate_exps[x], f->xe, E, f->gate, Fe, c);
+                matmul(f, &L->up_exps[x], f->xe, E, f->up, Fe, c);
+                OPS(f)->swiglu(f->b, f->gate, f->up, f->gate, c * Fe);
+                matmul(f, &L->down_exps[x], f->gate, Fe, f->ye, E, c);
+                OPS(f)->scatter_add_rows(f->b, f->ye, E, f->rows_e, f->w_e, c, f->moe_out);
+        }
+        if (hp->n_expert_shared > 0) {
+                swiglu_ffn(f, &L->gate_shexp, &L->up_shexp, &L->down_shexp, f->h, n, f->tmp);
+                OPS(f)->add(f->b, f->moe_out, f->tmp, n * E);
+        }
+}
+
+static int layer(struct fwd_ctx *f, int64_t il, struct kv_cache *kv, const struct fwd_seq *seqs,
+                 int n_seqs, int64_t n)
+{
+        const struct mo_hparams *hp = &f->m->hp;
+        const struct mo_layer *L = &f->m->layers[il];
+        int64_t E = hp->n_embd, row0 = 0;
+        int r;
+
+        /* attention */
+        rmsnorm(f, f->x, E, L->attn_norm, E, n, f->h, E);
+        mla_project(f, L, n);
+        for (int s = 0; s < n_seqs; s++) {
+                kv_store(f, kv, &seqs[s], il, row0);
+                row0 += seqs[s].n_tokens;
+        }
+        if (f->decompressed) {
+                OPS(f)->sync(f->b);
+                if ((r = mla_decompressed(f, kv, seqs, n_seqs, il)) < 0)
+                        return r;
+        } else {
+                mla_absorbed(f, L, kv, seqs, n_seqs, il, n);
+        }
+        matmul(f, &L->attn_output, f->o, hp->n_head * hp->n_v, f->tmp, E, n);
+        OPS(f)->add(f->b, f->x, f->tmp, n * E);
+
+        /* feed-forward: dense in the leading layers, experts after */
+        rmsnorm(f, f->x, E, L->ffn_norm, E, n, f->h, E);
+        if (il < hp->n_dense) {
+                swiglu_ffn(f, &L->ffn_gate, &L->ffn_up, &L->ffn_down, f->h, n, f->tmp);
+                OPS(f)->add(f->b, f->x, f->tmp, n * E);
+        } else {
+                moe_ffn(f, L, n);
+                OPS(f)->add(f->b, f->x, f->moe_out, n * E);
+        }
+        return 0;
+}
+
+static int ensure_logits(struct fwd_ctx *f, int64_t n_out)
+{
+        if (n_out <= f->n_logits_cap)
+                return 0;
+        if (f->logits)
+                OPS(f)->free(f->b, f->logits);
+        f->logits = OPS(f)->alloc(f->b, (size_t)n_out * f->m->hp.n_vocab * sizeof(float));
+        f->n_logits_cap = f->logits ? n_out : 0;
+        return f->logits ? 0 : -ENOMEM;
+}
+
+/* Lays the batch out as rows: token ids, positions, and which rows give logits. */
+static int batch_rows(struct fwd_ctx *f, struct kv_cache *kv, const struct fwd_seq *seqs, int n_seqs,
+                      int64_t *n_rows, int64_t *n_out, struct moerr *e)
+{
+        int64_t n = 0, o = 0, block = kv_get_config(kv)->block_tokens;
+
+        for (int s = 0; s < n_seqs; s++) {
+                const struct fwd_seq *q = &seqs[s];
+                if (q->n_tokens <= 0 || q->pos0 < 0 || q->pos0 > q->kv->n_tokens)
+                        return moerr_set(e, -EINVAL, "sequence %d: bad span (%lld tokens at %lld, %lld cached)",
+                                         s, (long long)q->n_tokens, (long long)q->pos0,
+                                         (long long)q->kv->n_tokens);
+                if (q->n_tokens > f->max_tokens - n)
+                        return moerr_set(e, -E2BIG, "batch holds more than %lld tokens", (long long)f->max_tokens);
+                if (q->pos0 + q->n_tokens > q->kv->n_blocks * block)
+                        return moerr_set(e, -ENOSPC, "sequence %d: cache holds %lld tokens, %lld needed", s,
+                                         (long long)(q->kv->n_blocks * block), (long long)(q->pos0 + q->n_tokens));
+                for (int64_t i = 0; i < q->n_tokens; i++, n++) {
+                        if (q->tokens[i] < 0 || q->tokens[i] >= f->m->hp.n_vocab)
+                                return moerr_set(e, -EINVAL, "token id %d is outside the vocabulary", q->tokens[i]);
+                        f->tok[n] = q->tokens[i];
+                        f->pos[n] = (int32_t)(q->pos0 + i);
+                        if (q->all_logits || i == q->n_tokens - 1)
+                                f->out_rows[o++] = (int32_t)n;
+                }
+        }
+        *n_rows = n;
+        *n_out = o;
+        return 0;
+}
+
+int fwd_step(struct fwd_ctx *f, struct kv_cache *kv, struct fwd_seq *seqs, int n_seqs, float *logits,
+             struct moerr *e)
+{
+        const struct mo_hparams *hp = &f->m->hp;
+        int64_t E = hp->n_embd, n = 0, n_out = 0;
+        int r;
+
+        if ((r = batch_rows(f, kv, seqs, n_seqs, &n, &n_out, e)) < 0)
+                return r;
+        if (n == 0)
+                return 0;
+        if ((r = ensure_logits(f, n_out)) < 0)
+                return moerr_set(e, r, "out of memory for %lld rows of logits", (long long)n_out);
+
+        OPS(f)->get_rows(f->b, &f->m->token_embd, f->tok, n, f->x);
+        for (int64_t il = 0; il < hp->n_layer; il++)
+                if ((r = layer(f, il, kv, seqs, n_seqs, n)) < 0)
+                        return moerr_set(e, r, "layer %lld failed", (long long)il);
+
+        OPS(f)->gather_rows(f->b, f->x, E, f->out_rows, n_out, f->h);
+        rmsnorm(f, f->h, E, f->m->output_norm, E, n_out, f->h, E);
+        matmul(f, &f->m->output, f->h, E, f->logits, hp->n_vocab, n_out);
+        OPS(f)->download(f->b, logits, f->logits, (size_t)n_out * hp->n_vocab * sizeof(float));
+        for (int s = 0; s < n_seqs; s++)
+                seqs[s].kv->n_tokens = seqs[s].pos0 + seqs[s].n_tokens;
+        return 0;
+}

@@ -80,6 +80,10 @@ int model_load(const char *path, struct mo_model **out, struct moerr *e);
 int model_from_gguf(struct gguf *g, struct mo_model **out, struct moerr *e);
 void model_free(struct mo_model *m);
 
+/* RoPE frequencies (n_rot/2, YaRN ramp applied), rotation magnitude and
+ * softmax scale for hyperparameters, as llama.cpp derives them. */
+void model_rope_init(const struct mo_hparams *hp, float *freq, float *mscale, float *kq_scale);
+
 /* Bytes of weights one decoded token reads (dense parts, used and shared
  * experts, output matrix): what moed-bench divides by. */
 uint64_t model_weight_bytes_per_token(const struct mo_model *m);

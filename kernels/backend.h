@@ -5,7 +5,9 @@
  * learns which device runs them. Activations are F32, row-major; weights
  * stay in their stored type (mo_weight). Pointers to activations are memory
  * of the backend (host memory for the CPU backend, device memory for CUDA):
- * allocate them with mo_alloc and move data with upload/download. */
+ * allocate them with ops->alloc and move data with upload/download. Index
+ * arrays (token ids, row lists, weights of scattered rows, block tables,
+ * positions) are always host memory: a device backend copies them itself. */
 #pragma once
 #include <stdbool.h>
 #include <stddef.h>

