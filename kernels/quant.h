@@ -39,6 +39,21 @@ typedef uint16_t mo_half; /* IEEE binary16 bits */
 typedef struct { mo_half d; uint8_t qs[QK4_0 / 2]; } block_q4_0;            /* 18 B */
 typedef struct { mo_half d; uint8_t qh[4]; uint8_t qs[QK5_0 / 2]; } block_q5_0; /* 22 B */
 typedef struct { mo_half d; int8_t qs[QK8_0]; } block_q8_0;                 /* 34 B */
+/* Q2_K: 16 sub-blocks of 16, each a 4-bit scale (low nibble) and 4-bit
+ * min (high nibble) against d/dmin; 2-bit quants. */
+typedef struct {
+        uint8_t scales[QK_K / 16];
+        uint8_t qs[QK_K / 4];
+        mo_half d, dmin;
+} block_q2_k; /* 84 B */
+/* Q3_K: 16 sub-blocks of 16 with 6-bit signed scales (packed in 12 bytes);
+ * 2 low bits in qs, the third in hmask (set = no -4 offset). */
+typedef struct {
+        uint8_t hmask[QK_K / 8];
+        uint8_t qs[QK_K / 4];
+        uint8_t scales[K_SCALE_SIZE];
+        mo_half d;
+} block_q3_k; /* 110 B */
 typedef struct {
         mo_half d, dmin;
         uint8_t scales[K_SCALE_SIZE];
@@ -67,6 +82,8 @@ typedef struct {
 _Static_assert(sizeof(block_q4_0) == 18, "q4_0 layout");
 _Static_assert(sizeof(block_q5_0) == 22, "q5_0 layout");
 _Static_assert(sizeof(block_q8_0) == 34, "q8_0 layout");
+_Static_assert(sizeof(block_q2_k) == 84, "q2_k layout");
+_Static_assert(sizeof(block_q3_k) == 110, "q3_k layout");
 _Static_assert(sizeof(block_q4_k) == 144, "q4_k layout");
 _Static_assert(sizeof(block_q5_k) == 176, "q5_k layout");
 _Static_assert(sizeof(block_q6_k) == 210, "q6_k layout");
@@ -93,23 +110,34 @@ mo_half mo_float_to_half(float f); /* round to nearest even */
 float mo_bf16_to_float(uint16_t b);
 uint16_t mo_float_to_bf16(float f); /* round to nearest even, NaN kept NaN */
 
-/* Scalar reference conversions for every computable type. n must be a
- * multiple of the block size. */
+/* Scalar reference conversions for every computable type (F32, F16, BF16,
+ * Q4_0, Q5_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K). n must be a multiple of
+ * the block size. Dequantization reproduces ggml's floats bit for bit; a
+ * type that is not computable, or a partial block, fills dst with NaN. */
 void mo_dequantize_row(int type, const void *src, float *dst, int64_t n);
-/* Writes mo_row_bytes(type, n) bytes. Used by the fixture writer and for
- * activations; for K-quants it is a straightforward (not optimal-search)
- * quantizer that produces valid, reasonably accurate blocks. */
+/* Writes mo_row_bytes(type, n) bytes (nothing on misuse as above). Used by
+ * the fixture writer and for activations; Q4_0/Q5_0/Q8_0 follow ggml's
+ * reference quantizers; the K-quants use a simple range fit plus a small
+ * search of the quantized sub-block scales (not ggml's search), producing
+ * valid, reasonably accurate blocks. */
 void mo_quantize_row(int type, const float *src, void *dst, int64_t n);
 
 /* Activations for the integer dot products: Q8_0 (for Q4_0/Q5_0/Q8_0
- * weights) and Q8_K (for K-quants). */
+ * weights) and Q8_K (for K-quants), exactly as ggml quantizes them. Q8_K's
+ * d has the opposite sign of the block's largest-magnitude value, which
+ * becomes -127. Only whole blocks of n are written. */
 void mo_quantize_row_q8_0(const float *x, block_q8_0 *y, int64_t n);
 void mo_quantize_row_q8_k(const float *x, block_q8_k *y, int64_t n);
 
 /* Which activation format a weight type is dotted against: MO_TYPE_Q8_0,
- * MO_TYPE_Q8_K, or MO_TYPE_F32 (F32/F16/BF16 weights dot F32 activations). */
+ * MO_TYPE_Q8_K, or MO_TYPE_F32 (F32/F16/BF16 weights dot F32 activations);
+ * -EINVAL for a type that is not computable. */
 int mo_vec_dot_type(int weight_type);
 
 /* Scalar reference dot product of one weight row (type) with one activation
- * row already converted to mo_vec_dot_type(type). n elements. */
+ * row already converted to mo_vec_dot_type(type). n elements. Per block the
+ * quant products are summed as exact integers and scaled once by the float
+ * product of the two block scales (minus the dmin·bsums term for Q2_K/Q4_K/
+ * Q5_K), as the SIMD kernels do; blocks are summed in double, so a SIMD
+ * result differs from this only by its float accumulation. NaN on misuse. */
 float mo_vec_dot_ref(int type, int64_t n, const void *w, const void *act);

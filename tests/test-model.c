@@ -290,7 +290,7 @@ static void model_rejects_bad_files(void **state)
                                                                        .ne0 = 64, .type = -1 }),
                        "blk.2.attn_kv_a_mqa.weight' has shape");
         expect_refusal(rewrite(good, "type.gguf", &(struct change){ .tensor = "blk.0.attn_output.weight",
-                                                                      .type = MO_TYPE_Q2_K }),
+                                                                      .type = MO_TYPE_Q4_1 }),
                        "cannot compute");
         expect_refusal(rewrite(good, "rope.gguf", &(struct change){ .str_key = "deepseek2.rope.scaling.type",
                                                                       .str = "longrope", .type = -1 }),
