@@ -13,6 +13,9 @@
 #include "tools/fixture.h"
 
 static char tmpdir[4096];
+/* Paths handed out by tu_path, freed at exit so LeakSanitizer stays quiet. */
+static char **paths;
+static size_t n_paths;
 
 static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
 {
@@ -24,6 +27,9 @@ static void rm_tmpdir(void)
 {
         if (tmpdir[0])
                 nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+        for (size_t i = 0; i < n_paths; i++)
+                free(paths[i]);
+        free(paths);
 }
 
 const char *tu_tmpdir(void)
@@ -47,10 +53,15 @@ const char *tu_tmpdir(void)
 
 char *tu_path(const char *name)
 {
-        char *p;
+        char *p, **np;
 
         if (asprintf(&p, "%s/%s", tu_tmpdir(), name) < 0)
                 abort();
+        np = realloc(paths, (n_paths + 1) * sizeof *paths);
+        if (!np)
+                abort();
+        paths = np;
+        paths[n_paths++] = p;
         return p;
 }
 

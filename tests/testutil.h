@@ -7,7 +7,7 @@
 
 /* A fresh directory under $MOED_TEST_TMP (or /tmp), removed at exit. */
 const char *tu_tmpdir(void);
-/* tu_tmpdir()/name; returns a static-lifetime string (leaks by design). */
+/* tu_tmpdir()/name; the string lives until the process exits. */
 char *tu_path(const char *name);
 /* Writes the named fixture shape (tools/fixture.h) with the given weight
  * type to a temporary file once per process and returns its path. with_vocab

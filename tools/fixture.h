@@ -32,7 +32,9 @@ struct fixture_spec {
         int weight_type;           /* enum mo_type of matrices; falls back to Q8_0
                                       (then F16) where ne0 is not a block multiple */
         const char *vocab_json;    /* tokenizer.json path; NULL: synthetic vocab */
-        int64_t n_vocab;           /* synthetic size, or padded size for vocab_json */
+        int64_t n_vocab;           /* synthetic size, or padded size for vocab_json
+                                      (below the file's count: padded to 129280
+                                      as V3 is, or to the file's count if larger) */
         const char *pre;           /* tokenizer.ggml.pre */
         const char *chat_template; /* NULL: none written */
         uint32_t gguf_version;     /* 3 (default) or 2 */
@@ -45,6 +47,12 @@ int fixture_shape(const char *name, struct fixture_spec *out, struct moerr *e);
 const char *const *fixture_shape_names(void);
 
 int fixture_write(const struct fixture_spec *s, const char *path, struct moerr *e);
+
+/* The type a matrix of row length ne0 gets in a file of weight_type: that
+ * type where ne0 is a multiple of its block, else Q8_0 where ne0 % 32 == 0,
+ * else F16 (llama-quantize's kind of fallback, simplified). Norms, the
+ * router bias and ffn_gate_inp are always F32. */
+int fixture_tensor_type(int weight_type, int64_t ne0);
 
 /* Where the DeepSeek-V3 tokenizer.json is: $MOED_VOCAB_JSON, else the npm
  * install under the source tree (vocab/node_modules/...). NULL if missing. */
