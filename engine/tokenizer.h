@@ -56,6 +56,12 @@ int32_t tok_find(const struct tokenizer *t, const char *text);
 int tok_encode(const struct tokenizer *t, const char *text, size_t len, bool add_bos,
                bool parse_special, int32_t **ids, size_t *n_ids, struct moerr *e);
 
+/* The pieces BPE would see, without running it: special-token matches,
+ * single invalid bytes, and the pre-tokenizer's splits of the rest, in
+ * order (each points into text). For tests and tools. *pieces is malloc'ed. */
+int tok_pretokenize(const struct tokenizer *t, const char *text, size_t len, bool parse_special,
+                    struct tok_str **pieces, size_t *n, struct moerr *e);
+
 /* The raw bytes a token stands for (byte-level mapping undone). Control
  * tokens give their text only when render_special. Returns bytes written
  * (truncated to cap) or a negative errno for an id out of range. */
@@ -67,6 +73,8 @@ int tok_piece(const struct tokenizer *t, int32_t id, bool render_special, char *
 struct tok_stream;
 struct tok_stream *tok_stream_new(const struct tokenizer *t, bool render_special);
 void tok_stream_free(struct tok_stream *s);
-/* Returns bytes written to out (cap must be >= 64), or negative errno. */
+/* Returns bytes written to out (cap must be >= 64), or negative errno.
+ * What does not fit in cap stays pending for the next call; flush returns
+ * 0 once nothing is left. */
 int tok_stream_feed(struct tok_stream *s, int32_t id, char *out, size_t cap);
 int tok_stream_flush(struct tok_stream *s, char *out, size_t cap);

@@ -28,9 +28,10 @@ ninja -C build/asan
 meson test -C build/asan --print-errorlogs --num-processes 2 --timeout-multiplier 4 | tee build/asan-test.log
 
 echo "== fuzzing (${fuzz_seconds}s per target)"
-CC=clang setup build/fuzz --buildtype=debug -Dfuzz=true -Dtests=true --werror
+CC=clang setup build/fuzz --buildtype=debug -Dfuzz=true -Dtests=false \
+  -Dc_args=-fsanitize=fuzzer-no-link,address,undefined -Dc_link_args=-fsanitize=address,undefined
 ninja -C build/fuzz tests/fuzz/fuzz-gguf tests/fuzz/fuzz-tokenizer
-build/fuzz/tests/fuzz/make-seeds build/fuzz/seeds
+build/release/tests/make-seeds build/fuzz/seeds
 for f in gguf tokenizer; do
   mkdir -p "build/fuzz/corpus-$f"
   log="build/fuzz/fuzz-$f.log"

@@ -19,8 +19,10 @@ struct vocab_json {
         void *storage;
 };
 
-/* n_vocab 0: as many as the file has; larger: padded. config_json may be
- * NULL (then tokenizer_config.json beside tokenizer_json is tried). */
+/* n_vocab 0: as many as the file has; larger: padded. BOS/EOS, add_bos and
+ * the chat template come from the tokenizer_config.json beside
+ * tokenizer_json when there is one (else bos = eos = -1, no template).
+ * spec.pre is "deepseek-v3". */
 int vocab_json_load(const char *tokenizer_json, int64_t n_vocab, struct vocab_json *out,
                     struct moerr *e);
 void vocab_json_free(struct vocab_json *v);
