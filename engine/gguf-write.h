@@ -29,6 +29,11 @@ void gguf_w_u64(struct gguf_writer *w, const char *key, uint64_t v);
 void gguf_w_f32(struct gguf_writer *w, const char *key, float v);
 void gguf_w_bool(struct gguf_writer *w, const char *key, bool v);
 void gguf_w_str(struct gguf_writer *w, const char *key, const char *v);
+/* Any fixed-size scalar type (u8 .. f64, bool): v points to one value of it. */
+void gguf_w_scalar(struct gguf_writer *w, const char *key, enum gguf_vtype type, const void *v);
+/* The value type id and the value's encoded bytes, written verbatim: for
+ * nested arrays and for tests that need malformed values. */
+void gguf_w_raw(struct gguf_writer *w, const char *key, uint32_t type, const void *bytes, size_t n);
 /* Numeric arrays: data holds count elements of elem_type (copied). */
 void gguf_w_arr(struct gguf_writer *w, const char *key, enum gguf_vtype elem_type,
                 const void *data, uint64_t count);
@@ -42,6 +47,11 @@ int gguf_w_tensor(struct gguf_writer *w, const char *name, int type, int n_dims,
                   const int64_t *ne, const void *data);
 int gguf_w_tensor_fill(struct gguf_writer *w, const char *name, int type, int n_dims,
                        const int64_t *ne, gguf_fill_fn fill, void *ctx);
+
+/* A failed setter (bad argument: unknown type, name too long, duplicate
+ * tensor, alignment not a power of two; or no memory) is remembered, and the
+ * write functions then fail with the first such error and its message; the
+ * tensor setters also return it. */
 
 /* Writes the file atomically (temporary file, then rename). */
 int gguf_writer_write(struct gguf_writer *w, const char *path, struct moerr *e);

@@ -34,6 +34,9 @@ struct gguf_tensor {
 
 struct gguf;
 
+/* "u32", "string", ...; "unknown" for ids outside the enum. */
+const char *gguf_vtype_name(enum gguf_vtype t);
+
 /* Maps path read-only and validates it. */
 int gguf_open(const char *path, struct gguf **out, struct moerr *e);
 /* Validates a buffer in memory (not copied: it must outlive the gguf). */
@@ -50,7 +53,7 @@ size_t gguf_data_offset(const struct gguf *g); /* start of tensor data */
 int64_t gguf_n_kv(const struct gguf *g);
 int64_t gguf_find_key(const struct gguf *g, const char *key);
 const char *gguf_key(const struct gguf *g, int64_t i);
-enum gguf_vtype gguf_kv_type(const struct gguf *g, int64_t i);
+enum gguf_vtype gguf_kv_type(const struct gguf *g, int64_t i); /* GGUF_VTYPE_COUNT if i is out of range */
 
 /* Typed getters by key. Return 0, -ENOENT when the key is absent (message
  * set), or -EINVAL when it holds another type or a value out of range. The
@@ -69,7 +72,8 @@ int gguf_get_arr(const struct gguf *g, const char *key, enum gguf_vtype *elem_ty
                  uint64_t *count, struct moerr *e);
 /* Element i of a string array (bounds-checked; NULL on misuse). */
 const char *gguf_arr_str(const struct gguf *g, int64_t key_index, uint64_t i, size_t *len);
-/* Element i of an integer or bool array as int64; of a float array as double. */
+/* Element i of an integer or bool array as int64 (u64 values above INT64_MAX
+ * wrap; 0 on misuse); of an f32 or f64 array as double (NaN on misuse). */
 int64_t gguf_arr_int(const struct gguf *g, int64_t key_index, uint64_t i);
 double gguf_arr_float(const struct gguf *g, int64_t key_index, uint64_t i);
 

@@ -22,7 +22,9 @@ struct kv_config {
         int64_t n_blocks;      /* capacity in blocks */
 };
 
-/* Capacity helpers: blocks needed for n tokens, or that fit in bytes. */
+/* Capacity helpers: blocks needed for n tokens (0 for n <= 0), or that fit
+ * in bytes (at most INT32_MAX, the widest block id). kv_block_bytes is 0
+ * for a config with a non-positive dimension or one that overflows. */
 int64_t kv_blocks_for_tokens(const struct kv_config *c, int64_t n_tokens);
 int64_t kv_blocks_for_bytes(const struct kv_config *c, uint64_t bytes);
 uint64_t kv_block_bytes(const struct kv_config *c); /* all layers of one block */
@@ -36,12 +38,17 @@ struct kv_seq {
 
 struct kv_cache;
 
+/* The arenas come from b->ops->alloc (zeroed); kv_free zeroes them before
+ * handing them back, blocks still held by sequences included. */
 int kv_new(mo_backend *b, const struct kv_config *c, struct kv_cache **out, struct moerr *e);
 void kv_free(struct kv_cache *kv);
 const struct kv_config *kv_get_config(const struct kv_cache *kv);
 
-/* Makes seq hold blocks for at least n_tokens tokens. -ENOSPC (nothing
- * changed) when the free list is too short. */
+/* Makes seq hold blocks for at least n_tokens tokens (a zeroed struct
+ * kv_seq is an empty sequence). -ENOSPC when the free list is too short,
+ * -ENOMEM when the table cannot grow, -EINVAL for n_tokens < 0: in every
+ * failure nothing changed. The free list is LIFO: the blocks released last
+ * are handed out first. */
 int kv_seq_reserve(struct kv_cache *kv, struct kv_seq *seq, int64_t n_tokens);
 /* Zeroes and frees every block of seq, and its table; seq is reset. */
 void kv_seq_release(struct kv_cache *kv, struct kv_seq *seq);

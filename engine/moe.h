@@ -7,6 +7,11 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "common/moerr.h"
+
+/* Group-limited routing keeps its group scores on the stack. */
+#define MOE_MAX_GROUPS 256
+
 enum moe_gating { MOE_SOFTMAX = 1, MOE_SIGMOID = 2 };
 
 struct moe_router {
@@ -20,9 +25,14 @@ struct moe_router {
         float scale;       /* applied when not 0 and not 1 */
 };
 
+/* Rejects a router moe_route cannot follow: counts out of range, groups
+ * that do not divide the experts, kept groups too small for n_used. */
+int moe_router_check(const struct moe_router *r, struct moerr *e);
+
 /* For one token: from the router logits (n_expert) choose n_used experts.
  * ids[k] are the experts (in descending order of selection score), w[k]
- * their weights. scratch holds 2*n_expert floats. */
+ * their weights. Equal scores rank the lower expert id first. scratch holds
+ * 2*n_expert floats. A NaN score ranks below every other. */
 void moe_route(const struct moe_router *r, const float *logits, int32_t *ids, float *w,
                float *scratch);
 

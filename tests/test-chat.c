@@ -89,7 +89,8 @@ static void v3_renders_like_the_hf_template(void **state)
 static void v3_equals_the_reference_jinja_rendering(void **state)
 {
         const char *root = getenv("MOED_SOURCE_ROOT"), *node = getenv("MOED_NODE");
-        _cleanup_free_ char *path = tu_path("convs.json"), *cmd = NULL;
+        char *path = tu_path("convs.json");
+        _cleanup_free_ char *cmd = NULL;
         json_t *all = json_array(), *out;
         json_error_t err;
         FILE *f;

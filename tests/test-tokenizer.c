@@ -759,8 +759,8 @@ static void vocab_json_reads_array_merges_and_added_tokens(void **state)
 
 static void vocab_json_rejects_bad_files(void **state)
 {
-        _cleanup_free_ char *bad = write_file("bad.json", "{\"model\": ");
-        _cleanup_free_ char *nomodel = write_file("nomodel.json", "{\"x\": 1}");
+        char *bad = write_file("bad.json", "{\"model\": ");
+        char *nomodel = write_file("nomodel.json", "{\"x\": 1}");
         struct vocab_json v;
         struct moerr e = {{0}};
 

@@ -1,1 +1,412 @@
-/* dot-avx2.c: not written yet. */
+/* dot-avx2.c: the AVX2 (+FMA, F16C) dot kernels, compiled with those flags
+ * and only called after cpuid says the CPU has them.
+ * Each kernel is a tile of NR weight rows x NC activation rows that shares
+ * the unpacking of a weight block among NC activations; every element keeps
+ * one accumulator updated in block order, so the tile shape never changes a
+ * result bit. Integer products use maddubs (u8 x s8) with the weights made
+ * unsigned and any offset taken off through activation sums. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "kernels/cpu/dot.h"
+#include "kernels/cpu/dot-impl.h"
+
+#define TILE_INLINE static inline __attribute__((always_inline))
+#define NC_MAX 2
+
+TILE_INLINE float hsum8(__m256 v)
+{
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        return _mm_cvtss_f32(s);
+}
+
+TILE_INLINE float half_to_f32(mo_half h)
+{
+        return _cvtsh_ss(h);
+}
+
+/* u8 x s8 products summed in fours to int32 lanes. */
+TILE_INLINE __m256i dot_u8s8(__m256i u, __m256i s)
+{
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+#define ROW(p, i, stride) ((const uint8_t *)(p) + (i) * (stride))
+
+/* ---- float weights ------------------------------------------------------- */
+
+enum wkind { W_F32, W_F16, W_BF16 };
+
+TILE_INLINE __m256 load_w8(const void *p, enum wkind k)
+{
+        if (k == W_F32)
+                return _mm256_loadu_ps(p);
+        if (k == W_F16)
+                return _mm256_cvtph_ps(_mm_loadu_si128(p));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16));
+}
+
+TILE_INLINE void float_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                            size_t as, float *y, int64_t ys, enum wkind k,
+                            const int NR, const int NC)
+{
+        const size_t esz = k == W_F32 ? 4 : 2;
+        __m256 acc[4][NC_MAX];
+        int64_t i = 0;
+
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        acc[r][c] = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+                __m256 av[NC_MAX];
+
+                for (int c = 0; c < NC; c++)
+                        av[c] = _mm256_loadu_ps((const float *)ROW(a, c, as) + i);
+                for (int r = 0; r < NR; r++) {
+                        __m256 wv = load_w8(ROW(w, r, ws) + i * esz, k);
+
+                        for (int c = 0; c < NC; c++)
+                                acc[r][c] = _mm256_fmadd_ps(wv, av[c], acc[r][c]);
+                }
+        }
+        if (i < n) {
+                /* The tail goes through zero-padded copies so that it is one
+                 * more vector step, the same for every tile shape. */
+                float at[NC_MAX][8];
+                uint8_t wt[8 * 4];
+
+                for (int c = 0; c < NC; c++) {
+                        memset(at[c], 0, sizeof at[c]);
+                        memcpy(at[c], (const float *)ROW(a, c, as) + i, (size_t)(n - i) * 4);
+                }
+                for (int r = 0; r < NR; r++) {
+                        __m256 wv;
+
+                        memset(wt, 0, sizeof wt);
+                        memcpy(wt, ROW(w, r, ws) + i * esz, (size_t)(n - i) * esz);
+                        wv = load_w8(wt, k);
+                        for (int c = 0; c < NC; c++)
+                                acc[r][c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(at[c]),
+                                                            acc[r][c]);
+                }
+        }
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        y[c * ys + r] = hsum8(acc[r][c]);
+}
+
+#define F_TILE(kind)                                                                   \
+        TILE_INLINE void tile_##kind(int64_t n, const uint8_t *w, size_t ws,           \
+                                     const uint8_t *a, size_t as, float *y,            \
+                                     int64_t ys, const int NR, const int NC)           \
+        {                                                                              \
+                float_tile(n, w, ws, a, as, y, ys, W_##kind, NR, NC);                  \
+        }
+F_TILE(F32)
+F_TILE(F16)
+F_TILE(BF16)
+
+/* ---- Q8_0, Q4_0, Q5_0 weights x Q8_0 activations -------------------------- */
+
+/* Unsigned weight bytes of one 32-block and the bias to take off (0, 8, 16). */
+TILE_INLINE __m256i q4_0_bytes(const block_q4_0 *b)
+{
+        __m128i q = _mm_loadu_si128((const __m128i *)b->qs);
+        __m256i v = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+
+        return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+TILE_INLINE __m256i q5_0_bytes(const block_q5_0 *b)
+{
+        __m128i q = _mm_loadu_si128((const __m128i *)b->qs);
+        __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q),
+                                     _mm256_set1_epi8(0x0F));
+        /* Byte i takes qh byte i/8 and keeps bit i%8: the fifth bit of value i. */
+        const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                 0x0101010101010101, 0);
+        const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+        __m256i h = _mm256_shuffle_epi8(_mm256_set1_epi32((int)mo_load_u32le(b->qh)), spread);
+
+        h = _mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit);
+        return _mm256_or_si256(v, _mm256_and_si256(h, _mm256_set1_epi8(0x10)));
+}
+
+enum qkind { Q_8_0, Q_4_0, Q_5_0 };
+
+TILE_INLINE void q32_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                          size_t as, float *y, int64_t ys, enum qkind k,
+                          const int NR, const int NC)
+{
+        const size_t bsz = k == Q_8_0 ? sizeof(block_q8_0) :
+                           k == Q_4_0 ? sizeof(block_q4_0) : sizeof(block_q5_0);
+        const __m256i bias = _mm256_set1_epi8(k == Q_4_0 ? 8 : 16);
+        __m256 acc[4][NC_MAX];
+
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        acc[r][c] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < n / 32; b++) {
+                __m256i av[NC_MAX], off[NC_MAX];
+                __m256 ad[NC_MAX];
+
+                for (int c = 0; c < NC; c++) {
+                        const block_q8_0 *ab = (const block_q8_0 *)ROW(a, c, as) + b;
+
+                        av[c] = _mm256_loadu_si256((const __m256i *)ab->qs);
+                        ad[c] = _mm256_set1_ps(half_to_f32(ab->d));
+                        if (k != Q_8_0)
+                                off[c] = _mm256_maddubs_epi16(bias, av[c]);
+                }
+                for (int r = 0; r < NR; r++) {
+                        const uint8_t *wb = ROW(w, r, ws) + b * bsz;
+                        __m256 wd = _mm256_set1_ps(half_to_f32(*(const mo_half *)wb));
+                        __m256i wv, wu;
+
+                        if (k == Q_8_0) {
+                                wv = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)wb)->qs);
+                                wu = _mm256_abs_epi8(wv);
+                        } else if (k == Q_4_0) {
+                                wu = q4_0_bytes((const block_q4_0 *)wb);
+                        } else {
+                                wu = q5_0_bytes((const block_q5_0 *)wb);
+                        }
+                        for (int c = 0; c < NC; c++) {
+                                __m256i p;
+
+                                if (k == Q_8_0) {
+                                        p = dot_u8s8(wu, _mm256_sign_epi8(av[c], wv));
+                                } else {
+                                        p = _mm256_sub_epi16(_mm256_maddubs_epi16(wu, av[c]), off[c]);
+                                        p = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+                                }
+                                acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd, ad[c]),
+                                                            _mm256_cvtepi32_ps(p), acc[r][c]);
+                        }
+                }
+        }
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        y[c * ys + r] = hsum8(acc[r][c]);
+}
+
+#define Q_TILE(kind)                                                                   \
+        TILE_INLINE void tile_Q##kind(int64_t n, const uint8_t *w, size_t ws,          \
+                                      const uint8_t *a, size_t as, float *y,           \
+                                      int64_t ys, const int NR, const int NC)          \
+        {                                                                              \
+                q32_tile(n, w, ws, a, as, y, ys, Q_##kind, NR, NC);                    \
+        }
+Q_TILE(8_0)
+Q_TILE(4_0)
+Q_TILE(5_0)
+
+/* ---- K-quant weights x Q8_K activations ----------------------------------- */
+
+/* Mins of a Q4_K/Q5_K block as [m0 m0 m1 m1 ... m7 m7] int16, to meet the
+ * activation sums of each 16. */
+TILE_INLINE __m256i k4_mins16(const uint8_t mn[8])
+{
+        __m128i m = _mm_loadl_epi64((const __m128i *)mn);
+
+        return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
+}
+
+TILE_INLINE void q45k_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                           size_t as, float *y, int64_t ys, bool five,
+                           const int NR, const int NC)
+{
+        const size_t bsz = five ? sizeof(block_q5_k) : sizeof(block_q4_k);
+        const __m256i lo4 = _mm256_set1_epi8(0x0F), one8 = _mm256_set1_epi8(1);
+        __m256 acc[4][NC_MAX];
+
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        acc[r][c] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < n / QK_K; b++) {
+                for (int r = 0; r < NR; r++) {
+                        const block_q4_k *x4 = (const block_q4_k *)(ROW(w, r, ws) + b * bsz);
+                        const block_q5_k *x5 = (const block_q5_k *)x4;
+                        const uint8_t *qs = five ? x5->qs : x4->qs;
+                        __m256i sumi[NC_MAX], qh = _mm256_setzero_si256(), mins;
+                        uint8_t sc[8], mn[8];
+                        float d = half_to_f32(x4->d), dmin = half_to_f32(x4->dmin);
+
+                        mo_unpack_k4_scales(x4->scales, sc, mn);
+                        mins = k4_mins16(mn);
+                        if (five)
+                                qh = _mm256_loadu_si256((const __m256i *)x5->qh);
+                        for (int c = 0; c < NC; c++)
+                                sumi[c] = _mm256_setzero_si256();
+                        for (int j = 0; j < 4; j++) {
+                                __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+                                __m256i ql = _mm256_and_si256(q, lo4);
+                                __m256i qhi = _mm256_and_si256(_mm256_srli_epi16(q, 4), lo4);
+                                __m256i s0 = _mm256_set1_epi16(sc[2 * j]);
+                                __m256i s1 = _mm256_set1_epi16(sc[2 * j + 1]);
+
+                                if (five) {
+                                        __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one8);
+                                        __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one8);
+
+                                        ql = _mm256_or_si256(ql, _mm256_slli_epi16(h0, 4));
+                                        qhi = _mm256_or_si256(qhi, _mm256_slli_epi16(h1, 4));
+                                }
+                                for (int c = 0; c < NC; c++) {
+                                        const int8_t *q8 = ((const block_q8_k *)ROW(a, c, as) + b)->qs + 64 * j;
+                                        __m256i p0 = _mm256_maddubs_epi16(ql, _mm256_loadu_si256((const __m256i *)q8));
+                                        __m256i p1 = _mm256_maddubs_epi16(qhi, _mm256_loadu_si256((const __m256i *)(q8 + 32)));
+
+                                        sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(
+                                                _mm256_madd_epi16(p0, s0), _mm256_madd_epi16(p1, s1)));
+                                }
+                        }
+                        for (int c = 0; c < NC; c++) {
+                                const block_q8_k *ab = (const block_q8_k *)ROW(a, c, as) + b;
+                                __m256i bs = _mm256_loadu_si256((const __m256i *)ab->bsums);
+                                __m256 m = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins));
+
+                                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab->d),
+                                                            _mm256_cvtepi32_ps(sumi[c]), acc[r][c]);
+                                acc[r][c] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * ab->d), m, acc[r][c]);
+                        }
+                }
+        }
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        y[c * ys + r] = hsum8(acc[r][c]);
+}
+
+TILE_INLINE void tile_Q4_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                           size_t as, float *y, int64_t ys, const int NR, const int NC)
+{
+        q45k_tile(n, w, ws, a, as, y, ys, false, NR, NC);
+}
+
+TILE_INLINE void tile_Q5_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                           size_t as, float *y, int64_t ys, const int NR, const int NC)
+{
+        q45k_tile(n, w, ws, a, as, y, ys, true, NR, NC);
+}
+
+/* Q6_K: values 0..63 against the activations, minus 32 x (scale x sums of
+ * each 16), which Q8_K carries as bsums. */
+TILE_INLINE void tile_Q6_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                           size_t as, float *y, int64_t ys, const int NR, const int NC)
+{
+        const __m256i lo4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
+        __m256 acc[4][NC_MAX];
+
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        acc[r][c] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < n / QK_K; b++) {
+                for (int r = 0; r < NR; r++) {
+                        const block_q6_k *x = (const block_q6_k *)ROW(w, r, ws) + b;
+                        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
+                        __m256i sumi[NC_MAX];
+                        float d = half_to_f32(x->d);
+
+                        for (int c = 0; c < NC; c++) {
+                                const block_q8_k *ab = (const block_q8_k *)ROW(a, c, as) + b;
+                                __m256i bs = _mm256_loadu_si256((const __m256i *)ab->bsums);
+
+                                sumi[c] = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
+                                sumi[c] = _mm256_sub_epi32(_mm256_setzero_si256(), sumi[c]);
+                        }
+                        for (int h = 0; h < 2; h++) {
+                                __m256i l0 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * h));
+                                __m256i l1 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * h + 32));
+                                __m256i hb = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * h));
+                                __m256i q[4];
+
+                                q[0] = _mm256_or_si256(_mm256_and_si256(l0, lo4),
+                                                       _mm256_slli_epi16(_mm256_and_si256(hb, three), 4));
+                                q[1] = _mm256_or_si256(_mm256_and_si256(l1, lo4),
+                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), three), 4));
+                                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), lo4),
+                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), three), 4));
+                                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), lo4),
+                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), three), 4));
+                                for (int k = 0; k < 4; k++) {
+                                        int g = 8 * h + 2 * k;
+                                        __m256i s = _mm256_set_m128i(_mm_set1_epi16(x->scales[g + 1]),
+                                                                     _mm_set1_epi16(x->scales[g]));
+
+                                        for (int c = 0; c < NC; c++) {
+                                                const int8_t *q8 = ((const block_q8_k *)ROW(a, c, as) + b)->qs + 32 * (g / 2);
+                                                __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)q8));
+
+                                                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_madd_epi16(p, s));
+                                        }
+                                }
+                        }
+                        for (int c = 0; c < NC; c++) {
+                                const block_q8_k *ab = (const block_q8_k *)ROW(a, c, as) + b;
+
+                                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab->d),
+                                                            _mm256_cvtepi32_ps(sumi[c]), acc[r][c]);
+                        }
+                }
+        }
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        y[c * ys + r] = hsum8(acc[r][c]);
+}
+
+/* ---- drivers -------------------------------------------------------------- */
+
+/* Rows in fours and activations in NC_MAX at a time; the four weight rows
+ * stay in L1 while the activations sweep past. */
+#define GEMM(kind)                                                                       \
+        static void gemm_##kind(int64_t n, const void *w, size_t ws, int64_t nr,         \
+                                const void *a, size_t as, int64_t nc, float *y,          \
+                                int64_t ys)                                              \
+        {                                                                                \
+                int64_t r = 0, c;                                                        \
+                for (; r + 4 <= nr; r += 4) {                                            \
+                        for (c = 0; c + NC_MAX <= nc; c += NC_MAX)                       \
+                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
+                                            y + c * ys + r, ys, 4, NC_MAX);              \
+                        for (; c < nc; c++)                                              \
+                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
+                                            y + c * ys + r, ys, 4, 1);                   \
+                }                                                                        \
+                for (; r < nr; r++) {                                                    \
+                        for (c = 0; c + NC_MAX <= nc; c += NC_MAX)                       \
+                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
+                                            y + c * ys + r, ys, 1, NC_MAX);              \
+                        for (; c < nc; c++)                                              \
+                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
+                                            y + c * ys + r, ys, 1, 1);                   \
+                }                                                                        \
+        }
+
+GEMM(F32)
+GEMM(F16)
+GEMM(BF16)
+GEMM(Q8_0)
+GEMM(Q4_0)
+GEMM(Q5_0)
+GEMM(Q4_K)
+GEMM(Q5_K)
+GEMM(Q6_K)
+
+void mo_cpu_kernels_avx2(struct mo_cpu_kernels *k)
+{
+        memset(k, 0, sizeof *k);
+        k->level = MO_SIMD_AVX2;
+        k->gemm[MO_TYPE_F32] = gemm_F32;
+        k->gemm[MO_TYPE_F16] = gemm_F16;
+        k->gemm[MO_TYPE_BF16] = gemm_BF16;
+        k->gemm[MO_TYPE_Q8_0] = gemm_Q8_0;
+        k->gemm[MO_TYPE_Q4_0] = gemm_Q4_0;
+        k->gemm[MO_TYPE_Q5_0] = gemm_Q5_0;
+        k->gemm[MO_TYPE_Q4_K] = gemm_Q4_K;
+        k->gemm[MO_TYPE_Q5_K] = gemm_Q5_K;
+        k->gemm[MO_TYPE_Q6_K] = gemm_Q6_K;
+}

@@ -1,1 +1,401 @@
-/* dot-avx512.c: not written yet. */
+/* dot-avx512.c: the AVX-512 (F, BW, VL, DQ) dot kernels, compiled with
+ * those flags and only called after cpuid says the CPU has them.
+ * Same tile scheme as dot-avx2.c with 512-bit vectors: 32-blocks go two at a
+ * time, K-quant sub-blocks 64 values at a time, and 32 registers allow
+ * 4 x 4 tiles for prefill. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "kernels/cpu/dot.h"
+#include "kernels/cpu/dot-impl.h"
+
+#define TILE_INLINE static inline __attribute__((always_inline))
+#define NC_MAX 4
+
+#define ROW(p, i, stride) ((const uint8_t *)(p) + (i) * (stride))
+
+TILE_INLINE float half_to_f32(mo_half h)
+{
+        return _cvtsh_ss(h);
+}
+
+TILE_INLINE __m512i join256(__m256i lo, __m256i hi)
+{
+        return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* u8 x s8 products summed in fours to int32 lanes. */
+TILE_INLINE __m512i dot_u8s8(__m512i u, __m512i s)
+{
+        return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+}
+
+/* ---- float weights ------------------------------------------------------- */
+
+enum wkind { W_F32, W_F16, W_BF16 };
+
+TILE_INLINE __m512 load_w16(const void *p, enum wkind k, __mmask16 m)
+{
+        if (k == W_F32)
+                return _mm512_maskz_loadu_ps(m, p);
+        if (k == W_F16)
+                return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+TILE_INLINE void float_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                            size_t as, float *y, int64_t ys, enum wkind k,
+                            const int NR, const int NC)
+{
+        const size_t esz = k == W_F32 ? 4 : 2;
+        __m512 acc[4][NC_MAX];
+
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        acc[r][c] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+                /* Masked loads make the tail one more step of the same kind. */
+                __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF :
+                              (__mmask16)((1u << (n - i)) - 1);
+                __m512 av[NC_MAX];
+
+                for (int c = 0; c < NC; c++)
+                        av[c] = _mm512_maskz_loadu_ps(m, (const float *)ROW(a, c, as) + i);
+                for (int r = 0; r < NR; r++) {
+                        __m512 wv = load_w16(ROW(w, r, ws) + i * esz, k, m);
+
+                        for (int c = 0; c < NC; c++)
+                                acc[r][c] = _mm512_fmadd_ps(wv, av[c], acc[r][c]);
+                }
+        }
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        y[c * ys + r] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+#define F_TILE(kind)                                                                   \
+        TILE_INLINE void tile_##kind(int64_t n, const uint8_t *w, size_t ws,           \
+                                     const uint8_t *a, size_t as, float *y,            \
+                                     int64_t ys, const int NR, const int NC)           \
+        {                                                                              \
+                float_tile(n, w, ws, a, as, y, ys, W_##kind, NR, NC);                  \
+        }
+F_TILE(F32)
+F_TILE(F16)
+F_TILE(BF16)
+
+/* ---- Q8_0, Q4_0, Q5_0 weights x Q8_0 activations, two blocks a step ------- */
+
+enum qkind { Q_8_0, Q_4_0, Q_5_0 };
+
+/* 16 bytes of nibbles as 32 values: low nibbles first. */
+TILE_INLINE __m256i nibbles32(const uint8_t *qs)
+{
+        __m128i q = _mm_loadu_si128((const __m128i *)qs);
+
+        return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q),
+                                _mm256_set1_epi8(0x0F));
+}
+
+TILE_INLINE __m256i q5_0_bytes(const block_q5_0 *b)
+{
+        __mmask32 h = mo_load_u32le(b->qh);
+
+        /* The fifth bit of value i is bit i of qh: a mask register already. */
+        return _mm256_or_si256(nibbles32(b->qs),
+                               _mm256_maskz_mov_epi8(h, _mm256_set1_epi8(0x10)));
+}
+
+TILE_INLINE __m256i q32_weight(const uint8_t *wb, enum qkind k)
+{
+        if (k == Q_8_0)
+                return _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)wb)->qs);
+        if (k == Q_4_0)
+                return nibbles32(((const block_q4_0 *)wb)->qs);
+        return q5_0_bytes((const block_q5_0 *)wb);
+}
+
+TILE_INLINE void q32_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                          size_t as, float *y, int64_t ys, enum qkind k,
+                          const int NR, const int NC)
+{
+        const size_t bsz = k == Q_8_0 ? sizeof(block_q8_0) :
+                           k == Q_4_0 ? sizeof(block_q4_0) : sizeof(block_q5_0);
+        const __m512i bias = _mm512_set1_epi8(k == Q_4_0 ? 8 : 16);
+        const int64_t nb = n / 32;
+        __m512 acc[4][NC_MAX];
+
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        acc[r][c] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b += 2) {
+                /* An odd last block pairs with zeros (scale 0, values 0). */
+                const bool two = b + 1 < nb;
+                __m512i av[NC_MAX], off[NC_MAX];
+                __m512 ad[NC_MAX];
+
+                for (int c = 0; c < NC; c++) {
+                        const block_q8_0 *ab = (const block_q8_0 *)ROW(a, c, as) + b;
+                        __m256i a0 = _mm256_loadu_si256((const __m256i *)ab[0].qs);
+                        __m256i a1 = two ? _mm256_loadu_si256((const __m256i *)ab[1].qs) :
+                                           _mm256_setzero_si256();
+                        float d1 = two ? half_to_f32(ab[1].d) : 0.0f;
+
+                        av[c] = join256(a0, a1);
+                        ad[c] = _mm512_insertf32x8(_mm512_set1_ps(half_to_f32(ab[0].d)),
+                                                   _mm256_set1_ps(d1), 1);
+                        if (k != Q_8_0)
+                                off[c] = _mm512_maddubs_epi16(bias, av[c]);
+                }
+                for (int r = 0; r < NR; r++) {
+                        const uint8_t *wb = ROW(w, r, ws) + b * bsz;
+                        float d1 = two ? half_to_f32(*(const mo_half *)(wb + bsz)) : 0.0f;
+                        __m512 wd = _mm512_insertf32x8(
+                                _mm512_set1_ps(half_to_f32(*(const mo_half *)wb)),
+                                _mm256_set1_ps(d1), 1);
+                        __m512i wv = join256(q32_weight(wb, k),
+                                             two ? q32_weight(wb + bsz, k) : _mm256_setzero_si256());
+                        __m512i wu = k == Q_8_0 ? _mm512_abs_epi8(wv) : wv;
+                        __mmask64 neg = _mm512_movepi8_mask(wv);
+
+                        for (int c = 0; c < NC; c++) {
+                                __m512i p;
+
+                                if (k == Q_8_0) {
+                                        __m512i s = _mm512_mask_sub_epi8(av[c], neg,
+                                                                         _mm512_setzero_si512(), av[c]);
+                                        p = dot_u8s8(wu, s);
+                                } else {
+                                        p = _mm512_sub_epi16(_mm512_maddubs_epi16(wu, av[c]), off[c]);
+                                        p = _mm512_madd_epi16(p, _mm512_set1_epi16(1));
+                                }
+                                acc[r][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, ad[c]),
+                                                            _mm512_cvtepi32_ps(p), acc[r][c]);
+                        }
+                }
+        }
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        y[c * ys + r] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+#define Q_TILE(kind)                                                                   \
+        TILE_INLINE void tile_Q##kind(int64_t n, const uint8_t *w, size_t ws,          \
+                                      const uint8_t *a, size_t as, float *y,           \
+                                      int64_t ys, const int NR, const int NC)          \
+        {                                                                              \
+                q32_tile(n, w, ws, a, as, y, ys, Q_##kind, NR, NC);                    \
+        }
+Q_TILE(8_0)
+Q_TILE(4_0)
+Q_TILE(5_0)
+
+/* ---- K-quant weights x Q8_K activations ----------------------------------- */
+
+/* int16 lanes 0-15 = s[i], lanes 16-31 = s[j]. */
+TILE_INLINE __m512i scale_pair(int i, int j)
+{
+        return join256(_mm256_set1_epi16((short)i), _mm256_set1_epi16((short)j));
+}
+
+TILE_INLINE void q45k_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                           size_t as, float *y, int64_t ys, bool five,
+                           const int NR, const int NC)
+{
+        const size_t bsz = five ? sizeof(block_q5_k) : sizeof(block_q4_k);
+        const __m512i lo4 = _mm512_set1_epi8(0x0F), one8 = _mm512_set1_epi8(1);
+        __m512 acc[4][NC_MAX];
+
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        acc[r][c] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < n / QK_K; b++) {
+                for (int r = 0; r < NR; r++) {
+                        const block_q4_k *x4 = (const block_q4_k *)(ROW(w, r, ws) + b * bsz);
+                        const block_q5_k *x5 = (const block_q5_k *)x4;
+                        const uint8_t *qs = five ? x5->qs : x4->qs;
+                        __m512i sumi[NC_MAX], qh = _mm512_setzero_si512();
+                        __m256i mins;
+                        uint8_t sc[8], mn[8];
+                        float d = half_to_f32(x4->d), dmin = half_to_f32(x4->dmin);
+                        __m128i m8;
+
+                        mo_unpack_k4_scales(x4->scales, sc, mn);
+                        m8 = _mm_loadl_epi64((const __m128i *)mn);
+                        mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+                        if (five) {
+                                __m256i h = _mm256_loadu_si256((const __m256i *)x5->qh);
+
+                                /* Lanes 0-31 feed the low nibbles (bit 2j),
+                                 * lanes 32-63 the high ones (bit 2j+1). */
+                                qh = join256(h, _mm256_srli_epi16(h, 1));
+                        }
+                        for (int c = 0; c < NC; c++)
+                                sumi[c] = _mm512_setzero_si512();
+                        for (int j = 0; j < 4; j++) {
+                                __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+                                __m512i qv = _mm512_and_si512(join256(q, _mm256_srli_epi16(q, 4)), lo4);
+                                __m512i s = scale_pair(sc[2 * j], sc[2 * j + 1]);
+
+                                if (five) {
+                                        __m512i hb = _mm512_and_si512(_mm512_srli_epi16(qh, 2 * j), one8);
+
+                                        qv = _mm512_or_si512(qv, _mm512_slli_epi16(hb, 4));
+                                }
+                                for (int c = 0; c < NC; c++) {
+                                        const int8_t *q8 = ((const block_q8_k *)ROW(a, c, as) + b)->qs + 64 * j;
+                                        __m512i p = _mm512_maddubs_epi16(qv, _mm512_loadu_si512(q8));
+
+                                        sumi[c] = _mm512_add_epi32(sumi[c], _mm512_madd_epi16(p, s));
+                                }
+                        }
+                        for (int c = 0; c < NC; c++) {
+                                const block_q8_k *ab = (const block_q8_k *)ROW(a, c, as) + b;
+                                __m256i bs = _mm256_loadu_si256((const __m256i *)ab->bsums);
+                                __m256 m = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins));
+
+                                acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(d * ab->d),
+                                                            _mm512_cvtepi32_ps(sumi[c]), acc[r][c]);
+                                acc[r][c] = _mm512_fnmadd_ps(_mm512_set1_ps(dmin * ab->d),
+                                                             _mm512_zextps256_ps512(m), acc[r][c]);
+                        }
+                }
+        }
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        y[c * ys + r] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+TILE_INLINE void tile_Q4_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                           size_t as, float *y, int64_t ys, const int NR, const int NC)
+{
+        q45k_tile(n, w, ws, a, as, y, ys, false, NR, NC);
+}
+
+TILE_INLINE void tile_Q5_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                           size_t as, float *y, int64_t ys, const int NR, const int NC)
+{
+        q45k_tile(n, w, ws, a, as, y, ys, true, NR, NC);
+}
+
+/* Q6_K: each half of a block is [ql 64 B | qh 32 B]; values 0..63 meet the
+ * activations, and 32 x scale x (sums of each 16) comes off at once. */
+TILE_INLINE void tile_Q6_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                           size_t as, float *y, int64_t ys, const int NR, const int NC)
+{
+        const __m512i lo4 = _mm512_set1_epi8(0x0F), three = _mm512_set1_epi8(3);
+        __m512 acc[4][NC_MAX];
+        __m512i idx[4];
+
+        /* Lane k of scale vector i holds scale 4i + k/8 (int16 lanes). */
+        for (int i = 0; i < 4; i++) {
+                int16_t t[32];
+
+                for (int k = 0; k < 32; k++)
+                        t[k] = (int16_t)(4 * i + k / 8);
+                idx[i] = _mm512_loadu_si512(t);
+        }
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        acc[r][c] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < n / QK_K; b++) {
+                for (int r = 0; r < NR; r++) {
+                        const block_q6_k *x = (const block_q6_k *)ROW(w, r, ws) + b;
+                        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
+                        __m512i scz = _mm512_castsi256_si512(sc16);
+                        __m512i sumi[NC_MAX];
+                        float d = half_to_f32(x->d);
+
+                        for (int c = 0; c < NC; c++) {
+                                const block_q8_k *ab = (const block_q8_k *)ROW(a, c, as) + b;
+                                __m256i bs = _mm256_loadu_si256((const __m256i *)ab->bsums);
+                                __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
+
+                                sumi[c] = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                           _mm512_zextsi256_si512(corr));
+                        }
+                        for (int h = 0; h < 2; h++) {
+                                __m512i l = _mm512_loadu_si512(x->ql + 64 * h);
+                                __m256i hh = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * h));
+                                __m512i hb = join256(hh, _mm256_srli_epi16(hh, 2));
+                                __m512i q[2];
+
+                                q[0] = _mm512_or_si512(_mm512_and_si512(l, lo4),
+                                                       _mm512_slli_epi16(_mm512_and_si512(hb, three), 4));
+                                q[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), lo4),
+                                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 4), three), 4));
+                                for (int k = 0; k < 2; k++) {
+                                        __m512i s = _mm512_permutexvar_epi16(idx[2 * h + k], scz);
+
+                                        for (int c = 0; c < NC; c++) {
+                                                const int8_t *q8 = ((const block_q8_k *)ROW(a, c, as) + b)->qs + 128 * h + 64 * k;
+                                                __m512i p = _mm512_maddubs_epi16(q[k], _mm512_loadu_si512(q8));
+
+                                                sumi[c] = _mm512_add_epi32(sumi[c], _mm512_madd_epi16(p, s));
+                                        }
+                                }
+                        }
+                        for (int c = 0; c < NC; c++) {
+                                const block_q8_k *ab = (const block_q8_k *)ROW(a, c, as) + b;
+
+                                acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(d * ab->d),
+                                                            _mm512_cvtepi32_ps(sumi[c]), acc[r][c]);
+                        }
+                }
+        }
+        for (int r = 0; r < NR; r++)
+                for (int c = 0; c < NC; c++)
+                        y[c * ys + r] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+/* ---- drivers -------------------------------------------------------------- */
+
+#define GEMM(kind)                                                                       \
+        static void gemm_##kind(int64_t n, const void *w, size_t ws, int64_t nr,         \
+                                const void *a, size_t as, int64_t nc, float *y,          \
+                                int64_t ys)                                              \
+        {                                                                                \
+                int64_t r = 0, c;                                                        \
+                for (; r + 4 <= nr; r += 4) {                                            \
+                        for (c = 0; c + NC_MAX <= nc; c += NC_MAX)                       \
+                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
+                                            y + c * ys + r, ys, 4, NC_MAX);              \
+                        for (; c < nc; c++)                                              \
+                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
+                                            y + c * ys + r, ys, 4, 1);                   \
+                }                                                                        \
+                for (; r < nr; r++) {                                                    \
+                        for (c = 0; c + NC_MAX <= nc; c += NC_MAX)                       \
+                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
+                                            y + c * ys + r, ys, 1, NC_MAX);              \
+                        for (; c < nc; c++)                                              \
+                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
+                                            y + c * ys + r, ys, 1, 1);                   \
+                }                                                                        \
+        }
+
+GEMM(F32)
+GEMM(F16)
+GEMM(BF16)
+GEMM(Q8_0)
+GEMM(Q4_0)
+GEMM(Q5_0)
+GEMM(Q4_K)
+GEMM(Q5_K)
+GEMM(Q6_K)
+
+void mo_cpu_kernels_avx512(struct mo_cpu_kernels *k)
+{
+        memset(k, 0, sizeof *k);
+        k->level = MO_SIMD_AVX512;
+        k->gemm[MO_TYPE_F32] = gemm_F32;
+        k->gemm[MO_TYPE_F16] = gemm_F16;
+        k->gemm[MO_TYPE_BF16] = gemm_BF16;
+        k->gemm[MO_TYPE_Q8_0] = gemm_Q8_0;
+        k->gemm[MO_TYPE_Q4_0] = gemm_Q4_0;
+        k->gemm[MO_TYPE_Q5_0] = gemm_Q5_0;
+        k->gemm[MO_TYPE_Q4_K] = gemm_Q4_K;
+        k->gemm[MO_TYPE_Q5_K] = gemm_Q5_K;
+        k->gemm[MO_TYPE_Q6_K] = gemm_Q6_K;
+}

@@ -1,0 +1,44 @@
+/* dot: the CPU dot-product kernels (portable, AVX2, AVX-512) and the
+ * run-time choice between them. One kernel per weight type computes a small
+ * matrix of dot products between weight rows and activation rows already in
+ * mo_vec_dot_type form; matmul.c decides the blocking and the threads. */
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/quant.h"
+
+enum mo_simd {
+        MO_SIMD_SCALAR = 0,
+        MO_SIMD_AVX2 = 1,
+        MO_SIMD_AVX512 = 2,
+};
+
+/* y[c*y_stride + r] = dot(weight row r, activation row c) for r < nr,
+ * c < nc, over n elements. Weight row r is at w + r*w_stride, activation
+ * row c at a + c*a_stride (bytes). Every element is summed in the same order
+ * whatever nr, nc and the caller's blocking are, so results do not depend on
+ * the thread count or on how many activation rows come at once. */
+typedef void (*mo_gemm_fn)(int64_t n, const void *w, size_t w_stride, int64_t nr,
+                           const void *a, size_t a_stride, int64_t nc,
+                           float *y, int64_t y_stride);
+
+struct mo_cpu_kernels {
+        enum mo_simd level;
+        mo_gemm_fn gemm[MO_TYPE_COUNT]; /* NULL for types without a kernel */
+};
+
+/* The kernels of the current level: the best the CPU supports, lowered by
+ * MOED_CPU_SIMD. Decided once, on first use. */
+const struct mo_cpu_kernels *mo_cpu_kernels(void);
+/* The kernels of one level, or NULL if the CPU (or build) cannot run it;
+ * for tests and benchmarks that compare levels in one process. */
+const struct mo_cpu_kernels *mo_cpu_kernels_at(enum mo_simd level);
+/* Highest level this CPU and build support, ignoring MOED_CPU_SIMD. */
+enum mo_simd mo_cpu_simd_max(void);
+const char *mo_simd_name(enum mo_simd level);
+
+/* Per-level tables, filled by dot.c, dot-avx2.c and dot-avx512.c. */
+void mo_cpu_kernels_scalar(struct mo_cpu_kernels *k);
+void mo_cpu_kernels_avx2(struct mo_cpu_kernels *k);
+void mo_cpu_kernels_avx512(struct mo_cpu_kernels *k);
