@@ -8,13 +8,16 @@ cd "$(dirname "$0")/.."
 packages=(
   build-essential meson ninja-build pkg-config clang libclang-rt-14-dev
   libpcre2-dev libjansson-dev libcmocka-dev
-  nodejs npm
 )
 
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
+# Node.js (for the tokenizer's reference encoder) may come from elsewhere
+# with its own npm; Debian's packages only when the commands are missing.
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}"
   sudo=""
