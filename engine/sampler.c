@@ -134,7 +134,7 @@ static int64_t sampler_cand_needed(const struct sampler *s)
         if (sampler_top_k_on(s))
                 return s->p.top_k;
         if (s->p.top_p < 1.0f || s->p.min_p > 0.0f)
-                return s->n_vocab;
+                return s->n_vocab + 1; /* sampler_gather writes one ahead */
         return 0; /* plain temperature draws straight from the logits */
 }
 
@@ -510,6 +510,21 @@ static int32_t sampler_sample_top_k(struct sampler *s, const float *logits)
         return sampler_finish_sorted(s, c, n, z);
 }
 
+/* Sum of c[0..n).v; four partial sums so the additions do not queue up
+ * behind each other. */
+static double sampler_cand_mass(const struct sampler_cand *c, int64_t n)
+{
+        double part[4] = { 0 };
+        int64_t i = 0;
+
+        for (; i + 4 <= n; i += 4)
+                for (int j = 0; j < 4; j++)
+                        part[j] += c[i + j].v;
+        for (; i < n; i++)
+                part[0] += c[i].v;
+        return part[0] + part[1] + part[2] + part[3];
+}
+
 static void sampler_swap(struct sampler_cand *a, struct sampler_cand *b)
 {
         struct sampler_cand t = *a;
@@ -534,14 +549,17 @@ static int64_t sampler_select_mass(struct sampler_cand *c, int64_t n, double nee
                         sampler_swap(&c[n - 1], &c[0]);
                 if (sampler_before(&c[mid], &c[n - 1]))
                         sampler_swap(&c[mid], &c[n - 1]);
-                double better = 0.0;
+                /* Branch-free Lomuto: when c[i] does not beat the pivot
+                 * the swap exchanges two that do not, which is harmless,
+                 * and a guessed branch would miss half the time. */
+                struct sampler_cand pivot = c[n - 1];
                 for (int64_t i = 0; i < n - 1; i++) {
-                        if (sampler_before(&c[i], &c[n - 1])) {
-                                better += c[i].v;
-                                sampler_swap(&c[i], &c[store++]);
-                        }
+                        bool b = (c[i].v > pivot.v) | ((c[i].v == pivot.v) & (c[i].id < pivot.id));
+                        sampler_swap(&c[i], &c[store]);
+                        store += b;
                 }
                 sampler_swap(&c[store], &c[n - 1]);
+                double better = sampler_cand_mass(c, store);
                 /* c[0..store) beat the pivot, now at c[store]. */
                 if (better >= need) {
                         n = store;
@@ -563,20 +581,22 @@ static int64_t sampler_select_mass(struct sampler_cand *c, int64_t n, double nee
 static double sampler_gather(const struct sampler *s, const float *v, float lo, float hi,
                              struct sampler_cand *c, int64_t *n)
 {
-        double mass = 0.0;
+        int64_t first = *n, k = *n; /* a local k: c may alias *n for the compiler */
 
         for (int64_t b0 = 0, b = 0; b0 < s->n_vocab; b0 += SAMPLER_BLOCK, b++) {
                 int64_t end = MO_MIN(b0 + SAMPLER_BLOCK, s->n_vocab);
                 if (s->block_max[b] < lo)
                         continue;
+                /* Branch-free: in a broad distribution about half of a
+                 * band's tokens qualify, and a branch would miss often.
+                 * c has room for one more than the tokens left to gather. */
                 for (int64_t i = b0; i < end; i++) {
-                        if (v[i] >= lo && v[i] < hi) {
-                                c[(*n)++] = (struct sampler_cand){ v[i], (int32_t)i };
-                                mass += v[i];
-                        }
+                        c[k] = (struct sampler_cand){ v[i], (int32_t)i };
+                        k += (v[i] >= lo) & (v[i] < hi);
                 }
         }
-        return mass;
+        *n = k;
+        return sampler_cand_mass(c + first, k - first);
 }
 
 /* Of the candidates just gathered after c[0..*n), moves the first keep
@@ -830,7 +850,8 @@ bool stop_feed(struct stop_matcher *m, const char *text, size_t len, size_t *emi
         }
         *emit = m->base + m->buf_len - stop_held(m);
         keep = MO_MIN(m->buf_len, m->max_len - 1);
-        memmove(m->buf, m->buf + m->buf_len - keep, keep);
+        if (keep)
+                memmove(m->buf, m->buf + m->buf_len - keep, keep);
         m->base += m->buf_len - keep;
         m->buf_len = keep;
         return false;

@@ -277,6 +277,10 @@ static float *big_logits(void)
         return l;
 }
 
+/* Each draw over the full vocabulary costs a pass over it: fewer draws here
+ * (the chi-square bound scales with the count). */
+#define BIG_DRAWS 3000
+
 static void sampler_big_vocab_temperature_top_p_min_p(void **state)
 {
         float *l = big_logits();
@@ -286,31 +290,31 @@ static void sampler_big_vocab_temperature_top_p_min_p(void **state)
         assert_non_null(counts);
         /* Plain: .1 .2 .3 .3 and .1 for all the others together. */
         struct sampler_params p = params(1.0f, 0, 1.0f, 0.0f);
-        draw_counts(&p, l, BIG_VOCAB, 20000, counts);
+        draw_counts(&p, l, BIG_VOCAB, BIG_DRAWS, counts);
         for (int64_t i = 0; i < BIG_VOCAB; i++)
                 junk += counts[i];
         for (int i = 0; i < 4; i++)
                 junk -= counts[big_ids[i]];
-        double e = 0.1 * 20000;
+        double e = 0.1 * BIG_DRAWS;
         if ((junk - e) * (junk - e) / e > 15.0)
                 fail_msg("tail drawn %d times, want about %.0f", junk, e);
         /* Among the four: .1 .2 .3 .3 over .9. */
         assert_distribution(counts, big_ids, (double[]){ 1 / 9.0, 2 / 9.0, 3 / 9.0, 3 / 9.0 },
-                            4, 20000 - junk);
+                            4, BIG_DRAWS - junk);
 
         /* top-p .65: .3 .3 .2 (cum .8) -> .25 .375 .375, nothing else. */
         p = params(1.0f, 0, 0.65f, 0.0f);
-        draw_counts(&p, l, BIG_VOCAB, 20000, counts);
-        assert_distribution(counts, big_ids, (double[]){ 0, 0.25, 0.375, 0.375 }, 4, 20000);
+        draw_counts(&p, l, BIG_VOCAB, BIG_DRAWS, counts);
+        assert_distribution(counts, big_ids, (double[]){ 0, 0.25, 0.375, 0.375 }, 4, BIG_DRAWS);
         /* top-p .95 needs the tail too: .9 + some of the .1 spread evenly. */
         p = params(1.0f, 0, 0.95f, 0.0f);
-        draw_counts(&p, l, BIG_VOCAB, 20000, counts);
+        draw_counts(&p, l, BIG_VOCAB, BIG_DRAWS, counts);
         assert_true(counts[big_ids[0]] > 0);
 
         /* min-p .5 of .3 = .15 keeps .2 .3 .3 -> .25 .375 .375. */
         p = params(1.0f, 0, 1.0f, 0.5f);
-        draw_counts(&p, l, BIG_VOCAB, 20000, counts);
-        assert_distribution(counts, big_ids, (double[]){ 0, 0.25, 0.375, 0.375 }, 4, 20000);
+        draw_counts(&p, l, BIG_VOCAB, BIG_DRAWS, counts);
+        assert_distribution(counts, big_ids, (double[]){ 0, 0.25, 0.375, 0.375 }, 4, BIG_DRAWS);
         free(counts);
         free(l);
 }
