@@ -444,6 +444,21 @@ static int64_t sampler_top_k(struct sampler *s, const float *logits)
         return k;
 }
 
+/* Sum of c[0..n).v; four partial sums so the additions do not queue up
+ * behind each other. */
+static double sampler_cand_mass(const struct sampler_cand *c, int64_t n)
+{
+        double part[4] = { 0 };
+        int64_t i = 0;
+
+        for (; i + 4 <= n; i += 4)
+                for (int j = 0; j < 4; j++)
+                        part[j] += c[i + j].v;
+        for (; i < n; i++)
+                part[0] += c[i].v;
+        return part[0] + part[1] + part[2] + part[3];
+}
+
 /* Draws from cand[0..n) in proportion to v, which sum to total. */
 static int32_t sampler_draw(struct sampler *s, const struct sampler_cand *cand, int64_t n,
                             double total)
@@ -481,17 +496,13 @@ static int32_t sampler_finish_sorted(struct sampler *s, struct sampler_cand *can
                                      double z)
 {
         int64_t keep = n;
-        double acc = 0.0;
 
         if (s->p.top_p < 1.0f)
                 keep = sampler_prefix_for(cand, n, (double)s->p.top_p * z);
         /* min-p: p < min_p * p_max, with p_max the first (v = 1). */
         while (keep > 1 && cand[keep - 1].v < s->p.min_p)
                 keep--;
-        acc = 0.0;
-        for (int64_t i = 0; i < keep; i++)
-                acc += cand[i].v;
-        return sampler_draw(s, cand, keep, acc);
+        return sampler_draw(s, cand, keep, sampler_cand_mass(cand, keep));
 }
 
 static int32_t sampler_sample_top_k(struct sampler *s, const float *logits)
@@ -508,21 +519,6 @@ static int32_t sampler_sample_top_k(struct sampler *s, const float *logits)
                 z += c[i].v;
         }
         return sampler_finish_sorted(s, c, n, z);
-}
-
-/* Sum of c[0..n).v; four partial sums so the additions do not queue up
- * behind each other. */
-static double sampler_cand_mass(const struct sampler_cand *c, int64_t n)
-{
-        double part[4] = { 0 };
-        int64_t i = 0;
-
-        for (; i + 4 <= n; i += 4)
-                for (int j = 0; j < 4; j++)
-                        part[j] += c[i + j].v;
-        for (; i < n; i++)
-                part[0] += c[i].v;
-        return part[0] + part[1] + part[2] + part[3];
 }
 
 static void sampler_swap(struct sampler_cand *a, struct sampler_cand *b)
