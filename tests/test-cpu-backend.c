@@ -309,6 +309,100 @@ static void integer_dots_are_exact_with_unit_scales(void **state)
         }
 }
 
+/* The VNNI build of the AVX-512 kernels groups the same four products per
+ * integer lane as the plain build, so the two agree bit for bit. */
+static void avx512_vnni_kernels_equal_plain_avx512_bits(void **state)
+{
+        struct mo_cpu_kernels plain, vnni;
+
+        if (mo_cpu_simd_max() < MO_SIMD_AVX512 || !mo_cpu_has_vnni())
+                skip(); /* reported by cmocka as skipped, with this CPU */
+        mo_cpu_kernels_avx512(&plain);
+        mo_cpu_kernels_avx512_vnni(&vnni);
+        for (size_t i = 0; i < N_TYPES; i++) {
+                int type = weight_types[i];
+                int64_t n = block_of(type) == 1 ? 100 : 5 * block_of(type) * (block_of(type) == 32 ? 3 : 1);
+                int64_t nr = 7, nc = 6;
+                float *x = malloc(sizeof(float) * (size_t)(nc * n));
+                float y1[42], y2[42];
+                size_t as;
+                void *q;
+                struct tw t;
+
+                assert_non_null(x);
+                tw_make(&t, type, nr, n, 0, 300 + i);
+                tu_randf(x, (size_t)(nc * n), 301 + i);
+                q = quantize_acts(type, x, nc, n, &as);
+                plain.gemm[type](n, t.data, t.w.row_bytes, nr, q, as, nc, y1, nr);
+                vnni.gemm[type](n, t.data, t.w.row_bytes, nr, q, as, nc, y2, nr);
+                if (memcmp(y1, y2, sizeof y1))
+                        fail_msg("%s: VNNI and plain AVX-512 differ", mo_type_name(type));
+                free(q);
+                free(x);
+                tw_free(&t);
+        }
+}
+
+/* Rows with ties at .5 after scaling, +/- maxima of equal size in either
+ * order, zero and tiny blocks, NaN and infinity, and plain random data. */
+static void fill_quant_cases(float *x, int64_t n)
+{
+        tu_randf(x, (size_t)n, 71);
+        for (int64_t k = 0; k < 256; k++) /* max 127: scale 1, ties exact */
+                x[k] = k == 3 ? 127.0f : (float)((k % 23) - 11) + (k % 2 ? 0.5f : 0.0f);
+        for (int64_t k = 256; k < 512; k++) /* -127 first, then +127 */
+                x[k] = k == 300 ? -127.0f : k == 400 ? 127.0f : (float)(k % 9) - 4.5f;
+        for (int64_t k = 512; k < 768; k++) /* +127 first, then -127 */
+                x[k] = k == 520 ? 127.0f : k == 530 ? -127.0f : (float)(k % 7) - 3.5f;
+        for (int64_t k = 768; k < 1024; k++)
+                x[k] = 0.0f;
+        for (int64_t k = 1024; k < 1280; k++)
+                x[k] = (float)(k % 5) * 1e-41f; /* subnormal */
+        x[1300] = NAN;
+        x[1600] = INFINITY;
+        x[1900] = -INFINITY;
+        for (int64_t k = 2048; k < n; k++)
+                x[k] *= 1000.0f;
+}
+
+static void activation_quantizers_match_reference_bit_for_bit(void **state)
+{
+        const int64_t n = 4096;
+        float *x = malloc(sizeof(float) * n);
+        block_q8_0 *a0 = malloc(sizeof(block_q8_0) * (n / QK8_0));
+        block_q8_0 *b0 = malloc(sizeof(block_q8_0) * (n / QK8_0));
+        block_q8_k *ak = malloc(sizeof(block_q8_k) * (n / QK_K));
+        block_q8_k *bk = malloc(sizeof(block_q8_k) * (n / QK_K));
+
+        assert_non_null(x);
+        assert_non_null(a0);
+        assert_non_null(b0);
+        assert_non_null(ak);
+        assert_non_null(bk);
+        fill_quant_cases(x, n);
+        mo_quantize_row_q8_0(x, a0, n);
+        mo_quantize_row_q8_k(x, ak, n);
+        for (int l = 0; l < n_levels(); l++) {
+                const struct mo_cpu_kernels *k = mo_cpu_kernels_at((enum mo_simd)l);
+
+                memset(b0, 0x55, sizeof(block_q8_0) * (n / QK8_0));
+                memset(bk, 0x55, sizeof(block_q8_k) * (n / QK_K));
+                k->quant_q8_0(x, b0, n);
+                k->quant_q8_k(x, bk, n);
+                for (int64_t b = 0; b < n / QK8_0; b++)
+                        if (memcmp(&a0[b], &b0[b], sizeof *b0))
+                                fail_msg("%s q8_0 block %lld differs", mo_simd_name(l), (long long)b);
+                for (int64_t b = 0; b < n / QK_K; b++)
+                        if (memcmp(&ak[b], &bk[b], sizeof *bk))
+                                fail_msg("%s q8_k block %lld differs", mo_simd_name(l), (long long)b);
+        }
+        free(x);
+        free(a0);
+        free(b0);
+        free(ak);
+        free(bk);
+}
+
 /* ---- matmul ------------------------------------------------------------------ */
 
 /* Error of the activation rounding alone (Q8_0 / Q8_K keep ~7 bits of each
@@ -961,7 +1055,8 @@ static void bench_matmul(int level, int type, int64_t nrows, int64_t ncols, int6
         free(y);
 }
 
-static int run_bench(void)
+/* MOED_CPU_BENCH=quick: only the best level. */
+static int run_bench(bool quick)
 {
         const int types[] = { MO_TYPE_Q8_0, MO_TYPE_Q4_K, MO_TYPE_Q6_K, MO_TYPE_Q4_0, MO_TYPE_F16 };
         struct mo_pool *pool;
@@ -978,7 +1073,7 @@ static int run_bench(void)
                         size_t rb = mo_row_bytes(types[i], ncols);
                         int64_t rows64 = (int64_t)((64ul << 20) / rb);
 
-                        if (l == 0 && types[i] != MO_TYPE_Q8_0)
+                        if ((l == 0 && types[i] != MO_TYPE_Q8_0) || (quick && l + 1 < n_levels()))
                                 continue;
                         bench_matmul(l, types[i], rows64, ncols, 1, 2);
                         bench_matmul(l, types[i], (int64_t)((512ul << 20) / rb), ncols, 1, 2);
@@ -997,6 +1092,8 @@ int main(void)
                 cmocka_unit_test(pool_zero_threads_means_one_per_cpu),
                 cmocka_unit_test(dot_kernels_match_reference_for_every_type_and_level),
                 cmocka_unit_test(integer_dots_are_exact_with_unit_scales),
+                cmocka_unit_test(activation_quantizers_match_reference_bit_for_bit),
+                cmocka_unit_test(avx512_vnni_kernels_equal_plain_avx512_bits),
                 cmocka_unit_test(matmul_matches_reference_for_every_type_level_and_batch),
                 cmocka_unit_test(matmul_splits_large_weights_without_changing_bits),
                 cmocka_unit_test(matmul_batch_rows_equal_single_rows_with_strides),
@@ -1016,6 +1113,6 @@ int main(void)
         const char *bench = getenv("MOED_CPU_BENCH");
 
         if (bench && *bench && strcmp(bench, "0"))
-                return run_bench();
+                return run_bench(!strcmp(bench, "quick"));
         return cmocka_run_group_tests(tests, setup_backends, teardown_backends);
 }

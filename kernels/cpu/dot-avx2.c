@@ -6,6 +6,7 @@
  * result bit. Integer products use maddubs (u8 x s8) with the weights made
  * unsigned and any offset taken off through activation sums. */
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "kernels/cpu/dot.h"
@@ -358,6 +359,158 @@ TILE_INLINE void tile_Q6_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t
                         y[c * ys + r] = hsum8(acc[r][c]);
 }
 
+/* ---- activation quantizers ---------------------------------------------------
+ * Same operations as quant.c in the same IEEE order (max of |x|, one
+ * division, one multiply per value, the same rounding), so the bytes are
+ * identical; blocks holding NaN or infinity go to the reference, whose
+ * handling of them is a policy rather than arithmetic. */
+
+TILE_INLINE float hmax8(__m256 v)
+{
+        __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+
+        s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_max_ss(s, _mm_movehdup_ps(s));
+        return _mm_cvtss_f32(s);
+}
+
+/* |x| of n floats (n a multiple of 8); false if any is not finite. */
+TILE_INLINE bool absmax_finite(const float *x, int n, float *amax)
+{
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        const __m256 inf = _mm256_set1_ps(INFINITY);
+        __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+
+        for (int i = 0; i < n; i += 8) {
+                __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), absmask);
+
+                /* NaN compares false to everything: "not < inf" catches both. */
+                bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));
+                m = _mm256_max_ps(m, a);
+        }
+        *amax = hmax8(m);
+        return _mm256_movemask_ps(bad) == 0;
+}
+
+/* Eight int32 vectors of values in [-128, 127] to 32 int8 in order. */
+TILE_INLINE void store_i8x32(int8_t *dst, __m256i a, __m256i b, __m256i c, __m256i d)
+{
+        __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+        __m256i v = _mm256_packs_epi16(ab, cd);
+
+        /* The packs interleave 128-bit lanes; put the dwords back in order. */
+        v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)dst, v);
+}
+
+/* roundf: to nearest, ties away from zero. */
+TILE_INLINE __m256 round_away(__m256 v)
+{
+        const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+        __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        __m256 f = _mm256_andnot_ps(sign, _mm256_sub_ps(v, t));
+        __m256 one = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(sign, v));
+
+        return _mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps(f, _mm256_set1_ps(0.5f), _CMP_GE_OQ), one));
+}
+
+void mo_quantize_q8_0_avx2(const float *x, block_q8_0 *y, int64_t n)
+{
+        const __m256 lim = _mm256_set1_ps(127.0f);
+
+        for (int64_t b = 0; b < n / QK8_0; b++) {
+                const float *xb = x + b * QK8_0;
+                __m256i q[4];
+                float amax, d, id;
+
+                if (!absmax_finite(xb, QK8_0, &amax)) {
+                        mo_quantize_row_q8_0(xb, &y[b], QK8_0);
+                        continue;
+                }
+                d = amax / 127.0f;
+                id = d != 0.0f ? 1.0f / d : 0.0f;
+                if (isinf(id)) { /* tiny block: 0 * inf = NaN cases */
+                        mo_quantize_row_q8_0(xb, &y[b], QK8_0);
+                        continue;
+                }
+                y[b].d = (mo_half)_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+                for (int k = 0; k < 4; k++) {
+                        __m256 v = round_away(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k),
+                                                            _mm256_set1_ps(id)));
+
+                        v = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+                        q[k] = _mm256_cvttps_epi32(v);
+                }
+                store_i8x32(y[b].qs, q[0], q[1], q[2], q[3]);
+        }
+}
+
+/* The value of largest magnitude, first one on ties (its sign matters). */
+static float first_signed_max(const float *x, float amax)
+{
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        const __m256 target = _mm256_set1_ps(amax);
+
+        for (int i = 0; i < QK_K; i += 8) {
+                int m = _mm256_movemask_ps(_mm256_cmp_ps(
+                        _mm256_and_ps(_mm256_loadu_ps(x + i), absmask), target, _CMP_EQ_OQ));
+
+                if (m)
+                        return x[i + __builtin_ctz((unsigned)m)];
+        }
+        return amax; /* unreachable: amax is one of the |x| */
+}
+
+static void quant_q8_k_block(const float *x, block_q8_k *y)
+{
+        float amax, iscale;
+        __m256 is;
+
+        if (!absmax_finite(x, QK_K, &amax)) {
+                mo_quantize_row_q8_k(x, y, QK_K);
+                return;
+        }
+        if (amax == 0.0f) {
+                memset(y, 0, sizeof *y);
+                return;
+        }
+        iscale = -127.0f / first_signed_max(x, amax);
+        if (isinf(iscale)) { /* tiny block: saturation cases */
+                mo_quantize_row_q8_k(x, y, QK_K);
+                return;
+        }
+        is = _mm256_set1_ps(iscale);
+        for (int k = 0; k < QK_K; k += 32) {
+                __m256i q[4];
+
+                for (int j = 0; j < 4; j++) {
+                        __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * j), is),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+
+                        q[j] = _mm256_min_epi32(_mm256_cvttps_epi32(v), _mm256_set1_epi32(127));
+                }
+                store_i8x32(y->qs + k, q[0], q[1], q[2], q[3]);
+        }
+        for (int g = 0; g < QK_K / 32; g++) {
+                __m256i s = dot_u8s8(_mm256_set1_epi8(1),
+                                     _mm256_loadu_si256((const __m256i *)(y->qs + 32 * g)));
+                __m128i lo = _mm256_castsi256_si128(s), hi = _mm256_extracti128_si256(s, 1);
+
+                /* Lanes 0-3 sum values 0-15 of the 32, lanes 4-7 values 16-31. */
+                lo = _mm_hadd_epi32(lo, hi);
+                lo = _mm_hadd_epi32(lo, lo);
+                y->bsums[2 * g] = (int16_t)_mm_cvtsi128_si32(lo);
+                y->bsums[2 * g + 1] = (int16_t)_mm_extract_epi32(lo, 1);
+        }
+        y->d = 1.0f / iscale;
+}
+
+void mo_quantize_q8_k_avx2(const float *x, block_q8_k *y, int64_t n)
+{
+        for (int64_t b = 0; b < n / QK_K; b++)
+                quant_q8_k_block(x + b * QK_K, &y[b]);
+}
+
 /* ---- drivers -------------------------------------------------------------- */
 
 /* Rows in fours and activations in NC_MAX at a time; the four weight rows
@@ -409,4 +562,6 @@ void mo_cpu_kernels_avx2(struct mo_cpu_kernels *k)
         k->gemm[MO_TYPE_Q4_K] = gemm_Q4_K;
         k->gemm[MO_TYPE_Q5_K] = gemm_Q5_K;
         k->gemm[MO_TYPE_Q6_K] = gemm_Q6_K;
+        k->quant_q8_0 = mo_quantize_q8_0_avx2;
+        k->quant_q8_k = mo_quantize_q8_k_avx2;
 }

@@ -2,7 +2,9 @@
  * those flags and only called after cpuid says the CPU has them.
  * Same tile scheme as dot-avx2.c with 512-bit vectors: 32-blocks go two at a
  * time, K-quant sub-blocks 64 values at a time, and 32 registers allow
- * 4 x 4 tiles for prefill. */
+ * 4 x 4 tiles for prefill. dot-avx512-vnni.c compiles this file again
+ * with VNNI, whose dpbusd/dpwssd fuse two or three steps of the integer
+ * dot; both builds give the same bits. */
 #include <immintrin.h>
 #include <string.h>
 
@@ -22,6 +24,17 @@ TILE_INLINE float half_to_f32(mo_half h)
 TILE_INLINE __m512i join256(__m256i lo, __m256i hi)
 {
         return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* acc + pairwise int16 products summed to int32 lanes (one dpwssd with
+ * VNNI; the same wrapping arithmetic either way). */
+TILE_INLINE __m512i madd_acc(__m512i acc, __m512i x, __m512i y)
+{
+#ifdef __AVX512VNNI__
+        return _mm512_dpwssd_epi32(acc, x, y);
+#else
+        return _mm512_add_epi32(acc, _mm512_madd_epi16(x, y));
+#endif
 }
 
 /* u8 x s8 products summed in fours to int32 lanes. */
@@ -116,65 +129,110 @@ TILE_INLINE __m256i q32_weight(const uint8_t *wb, enum qkind k)
         return q5_0_bytes((const block_q5_0 *)wb);
 }
 
-TILE_INLINE void q32_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
-                          size_t as, float *y, int64_t ys, enum qkind k,
+/* Two half scales (the second 0 when absent) as [d0 x8, d1 x8]: one
+ * conversion and one permute instead of two of each. */
+TILE_INLINE __m512 scale_pair_f32(const uint8_t *blk0, size_t bsz, const bool two)
+{
+        uint32_t h = *(const mo_half *)blk0;
+        __m128 f;
+
+        if (two)
+                h |= (uint32_t)*(const mo_half *)(blk0 + bsz) << 16;
+        f = _mm_cvtph_ps(_mm_cvtsi32_si128((int)h));
+        return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0,
+                                                       1, 1, 1, 1, 1, 1, 1, 1),
+                                     _mm512_castps128_ps512(f));
+}
+
+/* One step of two blocks (or one, when `two` is false, paired with zeros of
+ * scale 0). The integer lanes are exact sums of four products either way:
+ * with VNNI, dpbusd on (activation + 128) x signed weight with -128 x sum(w)
+ * preloaded (Q8_0), or unsigned weight x activation with -bias x sum(a)
+ * preloaded (Q4_0/Q5_0); without, maddubs/madd as in the AVX2 kernels. The
+ * lanes group the same four values in both, so the bits agree. */
+TILE_INLINE void q32_step(const uint8_t *w, size_t ws, const uint8_t *a, size_t as,
+                          int64_t b, enum qkind k, const bool two, __m512 acc[4][NC_MAX],
                           const int NR, const int NC)
 {
         const size_t bsz = k == Q_8_0 ? sizeof(block_q8_0) :
                            k == Q_4_0 ? sizeof(block_q4_0) : sizeof(block_q5_0);
         const __m512i bias = _mm512_set1_epi8(k == Q_4_0 ? 8 : 16);
+        __m512i av[NC_MAX], off[NC_MAX];
+        __m512 ad[NC_MAX];
+
+        for (int c = 0; c < NC; c++) {
+                const block_q8_0 *ab = (const block_q8_0 *)ROW(a, c, as) + b;
+                __m256i a0 = _mm256_loadu_si256((const __m256i *)ab[0].qs);
+                __m256i a1 = two ? _mm256_loadu_si256((const __m256i *)ab[1].qs) :
+                                   _mm256_setzero_si256();
+
+                av[c] = join256(a0, a1);
+                ad[c] = scale_pair_f32((const uint8_t *)ab, sizeof *ab, two);
+#ifdef __AVX512VNNI__
+                if (k == Q_8_0)
+                        av[c] = _mm512_xor_si512(av[c], _mm512_set1_epi8((char)0x80));
+                else
+                        off[c] = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                  _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                                                      bias, av[c]));
+#else
+                if (k != Q_8_0)
+                        off[c] = _mm512_maddubs_epi16(bias, av[c]);
+#endif
+        }
+        for (int r = 0; r < NR; r++) {
+                const uint8_t *wb = ROW(w, r, ws) + b * bsz;
+                __m512 wd = scale_pair_f32(wb, bsz, two);
+                __m512i wv = join256(q32_weight(wb, k),
+                                     two ? q32_weight(wb + bsz, k) : _mm256_setzero_si256());
+#ifdef __AVX512VNNI__
+                __m512i negw = _mm512_setzero_si512();
+
+                if (k == Q_8_0)
+                        negw = _mm512_sub_epi32(negw, _mm512_dpbusd_epi32(
+                                negw, _mm512_set1_epi8((char)0x80), wv));
+#else
+                __m512i wu = k == Q_8_0 ? _mm512_abs_epi8(wv) : wv;
+                __mmask64 neg = _mm512_movepi8_mask(wv);
+#endif
+                for (int c = 0; c < NC; c++) {
+                        __m512i p;
+#ifdef __AVX512VNNI__
+                        if (k == Q_8_0)
+                                p = _mm512_dpbusd_epi32(negw, av[c], wv);
+                        else
+                                p = _mm512_dpbusd_epi32(off[c], wv, av[c]);
+#else
+                        if (k == Q_8_0) {
+                                __m512i sg = _mm512_mask_sub_epi8(av[c], neg,
+                                                                  _mm512_setzero_si512(), av[c]);
+                                p = dot_u8s8(wu, sg);
+                        } else {
+                                p = _mm512_sub_epi16(_mm512_maddubs_epi16(wv, av[c]), off[c]);
+                                p = _mm512_madd_epi16(p, _mm512_set1_epi16(1));
+                        }
+#endif
+                        acc[r][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, ad[c]),
+                                                    _mm512_cvtepi32_ps(p), acc[r][c]);
+                }
+        }
+}
+
+TILE_INLINE void q32_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
+                          size_t as, float *y, int64_t ys, enum qkind k,
+                          const int NR, const int NC)
+{
         const int64_t nb = n / 32;
         __m512 acc[4][NC_MAX];
+        int64_t b = 0;
 
         for (int r = 0; r < NR; r++)
                 for (int c = 0; c < NC; c++)
                         acc[r][c] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; b += 2) {
-                /* An odd last block pairs with zeros (scale 0, values 0). */
-                const bool two = b + 1 < nb;
-                __m512i av[NC_MAX], off[NC_MAX];
-                __m512 ad[NC_MAX];
-
-                for (int c = 0; c < NC; c++) {
-                        const block_q8_0 *ab = (const block_q8_0 *)ROW(a, c, as) + b;
-                        __m256i a0 = _mm256_loadu_si256((const __m256i *)ab[0].qs);
-                        __m256i a1 = two ? _mm256_loadu_si256((const __m256i *)ab[1].qs) :
-                                           _mm256_setzero_si256();
-                        float d1 = two ? half_to_f32(ab[1].d) : 0.0f;
-
-                        av[c] = join256(a0, a1);
-                        ad[c] = _mm512_insertf32x8(_mm512_set1_ps(half_to_f32(ab[0].d)),
-                                                   _mm256_set1_ps(d1), 1);
-                        if (k != Q_8_0)
-                                off[c] = _mm512_maddubs_epi16(bias, av[c]);
-                }
-                for (int r = 0; r < NR; r++) {
-                        const uint8_t *wb = ROW(w, r, ws) + b * bsz;
-                        float d1 = two ? half_to_f32(*(const mo_half *)(wb + bsz)) : 0.0f;
-                        __m512 wd = _mm512_insertf32x8(
-                                _mm512_set1_ps(half_to_f32(*(const mo_half *)wb)),
-                                _mm256_set1_ps(d1), 1);
-                        __m512i wv = join256(q32_weight(wb, k),
-                                             two ? q32_weight(wb + bsz, k) : _mm256_setzero_si256());
-                        __m512i wu = k == Q_8_0 ? _mm512_abs_epi8(wv) : wv;
-                        __mmask64 neg = _mm512_movepi8_mask(wv);
-
-                        for (int c = 0; c < NC; c++) {
-                                __m512i p;
-
-                                if (k == Q_8_0) {
-                                        __m512i s = _mm512_mask_sub_epi8(av[c], neg,
-                                                                         _mm512_setzero_si512(), av[c]);
-                                        p = dot_u8s8(wu, s);
-                                } else {
-                                        p = _mm512_sub_epi16(_mm512_maddubs_epi16(wu, av[c]), off[c]);
-                                        p = _mm512_madd_epi16(p, _mm512_set1_epi16(1));
-                                }
-                                acc[r][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, ad[c]),
-                                                            _mm512_cvtepi32_ps(p), acc[r][c]);
-                        }
-                }
-        }
+        for (; b + 1 < nb; b += 2)
+                q32_step(w, ws, a, as, b, k, true, acc, NR, NC);
+        if (b < nb)
+                q32_step(w, ws, a, as, b, k, false, acc, NR, NC);
         for (int r = 0; r < NR; r++)
                 for (int c = 0; c < NC; c++)
                         y[c * ys + r] = _mm512_reduce_add_ps(acc[r][c]);
@@ -193,12 +251,6 @@ Q_TILE(5_0)
 
 /* ---- K-quant weights x Q8_K activations ----------------------------------- */
 
-/* int16 lanes 0-15 = s[i], lanes 16-31 = s[j]. */
-TILE_INLINE __m512i scale_pair(int i, int j)
-{
-        return join256(_mm256_set1_epi16((short)i), _mm256_set1_epi16((short)j));
-}
-
 TILE_INLINE void q45k_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
                            size_t as, float *y, int64_t ys, bool five,
                            const int NR, const int NC)
@@ -206,7 +258,11 @@ TILE_INLINE void q45k_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t
         const size_t bsz = five ? sizeof(block_q5_k) : sizeof(block_q4_k);
         const __m512i lo4 = _mm512_set1_epi8(0x0F), one8 = _mm512_set1_epi8(1);
         __m512 acc[4][NC_MAX];
+        __m512i idx[4];
 
+        /* Lanes 0-15 of scale vector j take scale 2j, lanes 16-31 2j+1. */
+        for (int j = 0; j < 4; j++)
+                idx[j] = join256(_mm256_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1)));
         for (int r = 0; r < NR; r++)
                 for (int c = 0; c < NC; c++)
                         acc[r][c] = _mm512_setzero_ps();
@@ -215,13 +271,15 @@ TILE_INLINE void q45k_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t
                         const block_q4_k *x4 = (const block_q4_k *)(ROW(w, r, ws) + b * bsz);
                         const block_q5_k *x5 = (const block_q5_k *)x4;
                         const uint8_t *qs = five ? x5->qs : x4->qs;
-                        __m512i sumi[NC_MAX], qh = _mm512_setzero_si512();
+                        __m512i sumi[NC_MAX], qh = _mm512_setzero_si512(), sc16;
                         __m256i mins;
                         uint8_t sc[8], mn[8];
                         float d = half_to_f32(x4->d), dmin = half_to_f32(x4->dmin);
                         __m128i m8;
 
                         mo_unpack_k4_scales(x4->scales, sc, mn);
+                        sc16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(
+                                _mm_loadl_epi64((const __m128i *)sc)));
                         m8 = _mm_loadl_epi64((const __m128i *)mn);
                         mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
                         if (five) {
@@ -236,7 +294,7 @@ TILE_INLINE void q45k_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t
                         for (int j = 0; j < 4; j++) {
                                 __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
                                 __m512i qv = _mm512_and_si512(join256(q, _mm256_srli_epi16(q, 4)), lo4);
-                                __m512i s = scale_pair(sc[2 * j], sc[2 * j + 1]);
+                                __m512i s = _mm512_permutexvar_epi16(idx[j], sc16);
 
                                 if (five) {
                                         __m512i hb = _mm512_and_si512(_mm512_srli_epi16(qh, 2 * j), one8);
@@ -247,7 +305,7 @@ TILE_INLINE void q45k_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t
                                         const int8_t *q8 = ((const block_q8_k *)ROW(a, c, as) + b)->qs + 64 * j;
                                         __m512i p = _mm512_maddubs_epi16(qv, _mm512_loadu_si512(q8));
 
-                                        sumi[c] = _mm512_add_epi32(sumi[c], _mm512_madd_epi16(p, s));
+                                        sumi[c] = madd_acc(sumi[c], p, s);
                                 }
                         }
                         for (int c = 0; c < NC; c++) {
@@ -332,7 +390,7 @@ TILE_INLINE void tile_Q6_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t
                                                 const int8_t *q8 = ((const block_q8_k *)ROW(a, c, as) + b)->qs + 128 * h + 64 * k;
                                                 __m512i p = _mm512_maddubs_epi16(q[k], _mm512_loadu_si512(q8));
 
-                                                sumi[c] = _mm512_add_epi32(sumi[c], _mm512_madd_epi16(p, s));
+                                                sumi[c] = madd_acc(sumi[c], p, s);
                                         }
                                 }
                         }
@@ -385,7 +443,11 @@ GEMM(Q4_K)
 GEMM(Q5_K)
 GEMM(Q6_K)
 
+#ifdef __AVX512VNNI__
+void mo_cpu_kernels_avx512_vnni(struct mo_cpu_kernels *k)
+#else
 void mo_cpu_kernels_avx512(struct mo_cpu_kernels *k)
+#endif
 {
         memset(k, 0, sizeof *k);
         k->level = MO_SIMD_AVX512;
@@ -398,4 +460,6 @@ void mo_cpu_kernels_avx512(struct mo_cpu_kernels *k)
         k->gemm[MO_TYPE_Q4_K] = gemm_Q4_K;
         k->gemm[MO_TYPE_Q5_K] = gemm_Q5_K;
         k->gemm[MO_TYPE_Q6_K] = gemm_Q6_K;
+        k->quant_q8_0 = mo_quantize_q8_0_avx2;
+        k->quant_q8_k = mo_quantize_q8_k_avx2;
 }

@@ -33,6 +33,16 @@ static bool has_f16c(void)
 }
 #endif
 
+bool mo_cpu_has_vnni(void)
+{
+#if defined(__x86_64__)
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512vnni");
+#else
+        return false;
+#endif
+}
+
 enum mo_simd mo_cpu_simd_max(void)
 {
 #if defined(__x86_64__)
@@ -85,7 +95,10 @@ static void tables_init(void)
         mo_cpu_kernels_scalar(&tables[MO_SIMD_SCALAR]);
 #if defined(__x86_64__)
         mo_cpu_kernels_avx2(&tables[MO_SIMD_AVX2]);
-        mo_cpu_kernels_avx512(&tables[MO_SIMD_AVX512]);
+        if (mo_cpu_has_vnni())
+                mo_cpu_kernels_avx512_vnni(&tables[MO_SIMD_AVX512]);
+        else
+                mo_cpu_kernels_avx512(&tables[MO_SIMD_AVX512]);
 #endif
         for (size_t i = 0; i < sizeof tables / sizeof tables[0]; i++)
                 fill_gaps(&tables[i]);
@@ -366,4 +379,6 @@ void mo_cpu_kernels_scalar(struct mo_cpu_kernels *k)
         k->gemm[MO_TYPE_Q4_K] = gemm_q4_k;
         k->gemm[MO_TYPE_Q5_K] = gemm_q5_k;
         k->gemm[MO_TYPE_Q6_K] = gemm_q6_k;
+        k->quant_q8_0 = mo_quantize_row_q8_0;
+        k->quant_q8_k = mo_quantize_row_q8_k;
 }

@@ -3,6 +3,7 @@
  * matrix of dot products between weight rows and activation rows already in
  * mo_vec_dot_type form; matmul.c decides the blocking and the threads. */
 #pragma once
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -23,9 +24,16 @@ typedef void (*mo_gemm_fn)(int64_t n, const void *w, size_t w_stride, int64_t nr
                            const void *a, size_t a_stride, int64_t nc,
                            float *y, int64_t y_stride);
 
+/* Activation quantizers: bit for bit what mo_quantize_row_q8_0/_q8_k
+ * write (the tests hold them to it), only faster. */
+typedef void (*mo_quant_q8_0_fn)(const float *x, block_q8_0 *y, int64_t n);
+typedef void (*mo_quant_q8_k_fn)(const float *x, block_q8_k *y, int64_t n);
+
 struct mo_cpu_kernels {
         enum mo_simd level;
         mo_gemm_fn gemm[MO_TYPE_COUNT]; /* NULL for types without a kernel */
+        mo_quant_q8_0_fn quant_q8_0;
+        mo_quant_q8_k_fn quant_q8_k;
 };
 
 /* The kernels of the current level: the best the CPU supports, lowered by
@@ -42,3 +50,10 @@ const char *mo_simd_name(enum mo_simd level);
 void mo_cpu_kernels_scalar(struct mo_cpu_kernels *k);
 void mo_cpu_kernels_avx2(struct mo_cpu_kernels *k);
 void mo_cpu_kernels_avx512(struct mo_cpu_kernels *k);
+/* The same level built with VNNI; used in its place when the CPU has it. */
+void mo_cpu_kernels_avx512_vnni(struct mo_cpu_kernels *k);
+/* Whether the AVX-512 table in use is the VNNI build. */
+bool mo_cpu_has_vnni(void);
+/* The AVX2 quantizers, shared by the AVX-512 table. */
+void mo_quantize_q8_0_avx2(const float *x, block_q8_0 *y, int64_t n);
+void mo_quantize_q8_k_avx2(const float *x, block_q8_k *y, int64_t n);

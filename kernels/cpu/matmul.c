@@ -43,6 +43,7 @@ void mo_cpu_scratch_release(struct mo_cpu_scratch *s)
 }
 
 struct quant_job {
+        const struct mo_cpu_kernels *k;
         int dot_type;
         int64_t n;
         const float *x;
@@ -60,9 +61,9 @@ static void quantize_rows(void *arg, int64_t begin, int64_t end, int tid)
                 void *dst = j->q + (size_t)i * j->q_stride;
 
                 if (j->dot_type == MO_TYPE_Q8_0)
-                        mo_quantize_row_q8_0(src, dst, j->n);
+                        j->k->quant_q8_0(src, dst, j->n);
                 else
-                        mo_quantize_row_q8_k(src, dst, j->n);
+                        j->k->quant_q8_k(src, dst, j->n);
         }
 }
 
@@ -136,7 +137,7 @@ int mo_cpu_matmul(struct mo_pool *pool, const struct mo_cpu_kernels *k,
                 j.a = (const uint8_t *)x;
                 j.a_stride = (size_t)x_stride * sizeof(float);
         } else {
-                struct quant_job q = { .dot_type = dot_type, .n = w->ncols, .x = x,
+                struct quant_job q = { .k = k, .dot_type = dot_type, .n = w->ncols, .x = x,
                                        .x_stride = x_stride };
 
                 q.q_stride = mo_row_bytes(dot_type, w->ncols);
