@@ -70,7 +70,7 @@ else
 fi
 
 # moed-bench --json carries the fields the issue names.
-"$tools/moed-bench" --model "$model" --threads 2 --prompt 16 --gen 4 --batch 2 --json >"$tmp/bench.json"
+"$tools/moed-bench" --model "$model" --threads 2 --prompt 16 --gen 4 --batch 2 --repeat 1 --json >"$tmp/bench.json"
 for key in prefill_tok_s decode_tok_s weight_bytes_per_token weight_read_gbps mem_read_gbps; do
   check "moed-bench --json has $key" grep -q "\"$key\": [0-9]" "$tmp/bench.json"
 done
