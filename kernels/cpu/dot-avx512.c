@@ -409,6 +409,28 @@ TILE_INLINE void tile_Q6_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t
 
 /* ---- drivers -------------------------------------------------------------- */
 
+/* The activation rows left over after full NC_MAX tiles go as one tile
+ * of 1-3 columns, not column by column: a batch's experts mostly see 1-4
+ * tokens, and each extra pass over the weight rows costs a full pass of
+ * unpacking. Every output's sum order is the same whatever the tile. */
+#define GEMM_TAIL(kind, R)                                                               \
+        switch (nc - c) {                                                                \
+        case 3:                                                                          \
+                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as, y + c * ys + r, ys, \
+                            R, 3);                                                       \
+                break;                                                                   \
+        case 2:                                                                          \
+                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as, y + c * ys + r, ys, \
+                            R, 2);                                                       \
+                break;                                                                   \
+        case 1:                                                                          \
+                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as, y + c * ys + r, ys, \
+                            R, 1);                                                       \
+                break;                                                                   \
+        default:                                                                         \
+                break;                                                                   \
+        }
+
 #define GEMM(kind)                                                                       \
         static void gemm_##kind(int64_t n, const void *w, size_t ws, int64_t nr,         \
                                 const void *a, size_t as, int64_t nc, float *y,          \
@@ -419,17 +441,13 @@ TILE_INLINE void tile_Q6_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t
                         for (c = 0; c + NC_MAX <= nc; c += NC_MAX)                       \
                                 tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
                                             y + c * ys + r, ys, 4, NC_MAX);              \
-                        for (; c < nc; c++)                                              \
-                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
-                                            y + c * ys + r, ys, 4, 1);                   \
+                        GEMM_TAIL(kind, 4)                                               \
                 }                                                                        \
                 for (; r < nr; r++) {                                                    \
                         for (c = 0; c + NC_MAX <= nc; c += NC_MAX)                       \
                                 tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
                                             y + c * ys + r, ys, 1, NC_MAX);              \
-                        for (; c < nc; c++)                                              \
-                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
-                                            y + c * ys + r, ys, 1, 1);                   \
+                        GEMM_TAIL(kind, 1)                                               \
                 }                                                                        \
         }
 
