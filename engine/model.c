@@ -327,7 +327,7 @@ static int check_computable(const struct gguf_tensor *t, struct moerr *e)
 
         if (!ti || !ti->computable)
                 return moerr_set(e, -EOPNOTSUPP, "tensor '%s' has type %s, which moed cannot compute with "
-                                 "(supported: F32, F16, BF16, Q8_0, Q5_0, Q4_0, Q6_K, Q5_K, Q4_K)",
+                                 "(supported: F32, F16, BF16, Q8_0, Q5_0, Q4_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K)",
                                  t->name, mo_type_name(t->type));
         return 0;
 }
