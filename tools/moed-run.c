@@ -215,8 +215,10 @@ static int generate(const struct run_opts *o, struct runner *r, const int32_t *p
         }
         if (ret >= 0 && err < 0)
                 ret = moerr_set(e, err, "out of memory");
-        if (ret >= 0)
+        if (ret >= 0) {
                 fputc('\n', stdout);
+                fflush(stdout); /* before the timings on stderr */
+        }
         if (o->verbose && ret >= 0) {
                 double t2 = runner_now();
                 fprintf(stderr, "moed-run: load %.2f s, prompt %zu tokens in %.3f s (%.1f tok/s), "
