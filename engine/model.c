@@ -650,7 +650,8 @@ int model_from_gguf(struct gguf *g, struct mo_model **out, struct moerr *e)
                 .norm = m->hp.expert_norm,
                 .scale = m->hp.expert_scale,
         };
-        if ((r = moe_router_check(&m->router_proto, e)) < 0 && m->hp.n_dense < m->hp.n_layer)
+        /* The router's own checks, for models that have MoE layers at all. */
+        if (m->hp.n_dense < m->hp.n_layer && (r = moe_router_check(&m->router_proto, e)) < 0)
                 goto fail;
         m->name = model_name(g);
         *out = m;

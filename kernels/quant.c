@@ -538,23 +538,33 @@ static void dequant_q6_k(const block_q6_k *b, float *y)
                 y[i] = d * (float)b->scales[i / 16] * (float)q[i];
 }
 
-/* ggml's sign convention at both levels: the largest-magnitude value of a
- * sub-block maps to -32 and the largest-magnitude sub-block scale to -128,
- * so the asymmetric ranges are used in full. */
-static void quant_q6_k(const float *x, block_q6_k *b)
+/* The signed two-level scale search of Q6_K and Q3_K (ggml's convention):
+ * each sub-block of 16 gets scale = its largest-magnitude value / -qmax,
+ * and the largest-magnitude of those scales maps to -smax. Returns the
+ * inverse super-block scale (0 for an all-zero block). */
+static float signed_subblock_scales(const float *x, float qmax, float smax, float scale[16])
 {
-        float scale[16], max_scale = 0.0f, amax_scale = 0.0f;
-        int8_t q[QK_K];
+        float max_scale = 0.0f, amax_scale = 0.0f;
 
         for (int s = 0; s < 16; s++) {
                 float amax, max = signed_absmax(x + 16 * s, 16, &amax);
-                scale[s] = max / -32.0f;
+                scale[s] = max / -qmax;
                 if (fabsf(scale[s]) > amax_scale) {
                         amax_scale = fabsf(scale[s]);
                         max_scale = scale[s];
                 }
         }
-        float iscale = max_scale != 0.0f ? -128.0f / max_scale : 0.0f;
+        return max_scale != 0.0f ? -smax / max_scale : 0.0f;
+}
+
+/* ggml's sign convention at both levels: the largest-magnitude value of a
+ * sub-block maps to -32 and the largest-magnitude sub-block scale to -128,
+ * so the asymmetric ranges are used in full. */
+static void quant_q6_k(const float *x, block_q6_k *b)
+{
+        float scale[16];
+        int8_t q[QK_K];
+        float iscale = signed_subblock_scales(x, 32.0f, 128.0f, scale);
         b->d = f2h(iscale != 0.0f ? 1.0f / iscale : 0.0f);
         float d = h2f(b->d);
         for (int s = 0; s < 16; s++) {
@@ -670,19 +680,10 @@ static void dequant_q3_k(const block_q3_k *b, float *y)
  * value of a sub-block maps to -4, the largest-magnitude scale to -32. */
 static void quant_q3_k(const float *x, block_q3_k *b)
 {
-        float scale[16], max_scale = 0.0f, amax_scale = 0.0f;
+        float scale[16];
         int sc[16];
         uint8_t u[QK_K];
-
-        for (int s = 0; s < 16; s++) {
-                float amax, max = signed_absmax(x + 16 * s, 16, &amax);
-                scale[s] = max / -4.0f;
-                if (fabsf(scale[s]) > amax_scale) {
-                        amax_scale = fabsf(scale[s]);
-                        max_scale = scale[s];
-                }
-        }
-        float iscale = max_scale != 0.0f ? -32.0f / max_scale : 0.0f;
+        float iscale = signed_subblock_scales(x, 4.0f, 32.0f, scale);
         b->d = f2h(iscale != 0.0f ? 1.0f / iscale : 0.0f);
         float d = h2f(b->d);
         memset(b->hmask, 0, sizeof b->hmask);
