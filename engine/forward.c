@@ -125,12 +125,12 @@ int fwd_new(struct mo_model *m, mo_backend *b, int64_t max_tokens, struct fwd_ct
 
 void fwd_free(struct fwd_ctx *f)
 {
+        if (!f)
+                return;
         float **dev[] = { &f->x, &f->h, &f->tmp, &f->moe_out, &f->cq, &f->q, &f->kva, &f->q_lat,
                           &f->q_pe, &f->o_lat, &f->o, &f->gate, &f->up, &f->router, &f->xe,
                           &f->ye, &f->logits };
 
-        if (!f)
-                return;
         for (size_t i = 0; i < ARRAY_SIZE(dev); i++)
                 if (*dev[i])
                         OPS(f)->free(f->b, *dev[i]);

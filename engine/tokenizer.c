@@ -1244,7 +1244,8 @@ static int stream_drain(struct tok_stream *s, char *out, size_t cap, bool final)
                 w += 3;
                 i += l < 0 ? (size_t)-l : s->n - i;
         }
-        memmove(s->pend, s->pend + i, s->n - i);
+        if (s->n > i)
+                memmove(s->pend, s->pend + i, s->n - i);
         s->n -= i;
         return (int)w;
 }
@@ -1260,7 +1261,8 @@ int tok_stream_feed(struct tok_stream *s, int32_t id, char *out, size_t cap)
                 return -EINVAL;
         if (grow((void **)&s->pend, &s->cap, s->n + n, 1) < 0)
                 return -ENOMEM;
-        memcpy(s->pend + s->n, p, n);
+        if (n) /* an empty piece (a control token) with nothing pending: pend may be NULL */
+                memcpy(s->pend + s->n, p, n);
         s->n += n;
         return stream_drain(s, out, cap, false);
 }
