@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# From a fresh clone to generated text: installs what is missing, builds,
-# writes the built-in demo model and generates from it (or from $MODEL).
+# From a fresh clone to a serving moed: installs what is missing, builds,
+# and starts moed in per-user mode in the foreground on the built-in demo
+# model (or on $MODEL). Talk to it from another terminal with
+# build/release/cli/moectl, curl --unix-socket, or busctl --user.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,10 +14,12 @@ else
 fi
 ninja -C build/release
 
-model=${MODEL:-build/demo.gguf}
-if [ -z "${MODEL:-}" ] && [ ! -f "$model" ]; then
-  echo "bootstrap: writing the demo model (random weights, DeepSeek-V3 vocabulary) to $model"
-  build/release/tools/moed-fixture --shape tiny --type Q8_0 -o "$model"
-fi
-exec build/release/tools/moed-run --model "$model" --prompt "${PROMPT:-The future of local AI is}" \
-  -n "${N:-48}" --temp 0.8 --seed 1 -v
+model_id=demo
+[ -z "${MODEL:-}" ] || model_id=$(basename "${MODEL%.gguf}")
+cat <<MSG
+bootstrap: starting moed --user${MODEL:+ --model $MODEL}; Ctrl-C stops it. From another terminal:
+  build/release/cli/moectl run $model_id "The future of local AI is"
+  build/release/cli/moectl chat
+  build/release/cli/moectl status
+MSG
+exec build/release/daemon/moed --user ${MODEL:+--model "$MODEL"}

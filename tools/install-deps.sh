@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 packages=(
   build-essential meson ninja-build pkg-config clang libclang-rt-14-dev
   libpcre2-dev libjansson-dev libcmocka-dev
+  # the daemon, its doors and moectl
+  libsystemd-dev libmicrohttpd-dev libinih-dev libssl-dev libcurl4-openssl-dev
+  # what the daemon's tests drive it with, and the unit and policy checks
+  systemd dbus-daemon curl python3 libxml2-utils polkitd
 )
 
 missing=()
