@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cli/audit.h"
 #include "common/cleanup.h"
 #include "moed-config.h"
 
@@ -38,6 +39,8 @@ static const char usage_text[] =
         "  health                whether moed is ready to serve (exit status 0)\n"
         "  hash-token [TOKEN]    sha256:<hex> of a bearer token for a tenant's Tokens=\n"
         "                        (reads the token from stdin when omitted)\n"
+        "  audit verify FILE...  check the hash chain of moed's audit file (AuditFile=)\n"
+        "                        and its rotated files; says where it breaks\n"
         "\n"
         "Options:\n"
         "  -s, --socket PATH     moed's socket (default: $MOED_SOCKET, then\n"
@@ -430,6 +433,8 @@ int main(int argc, char **argv)
                 return r;
         if (optind >= argc)
                 return usage_error("no command given");
+        if (strcmp(argv[optind], "audit") == 0)         /* FILE..., no daemon */
+                return cmd_audit(argc - optind - 1, argv + optind + 1);
         for (size_t i = 0; i < ARRAY_SIZE(commands); i++)
                 if (strcmp(argv[optind], commands[i].name) == 0)
                         cmd = &commands[i];

@@ -14,12 +14,19 @@ contract=$src/ipc/org.moed.Engine1.xml
 # Short paths: unix socket names are limited to 108 bytes.
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/moed-dbus-XXXXXX")
 bus_pid='' moed_pid='' bg_pids=()
+stop_pid() { # SIGTERM, then SIGKILL after 5 s: a wedged daemon must not hang the test
+  local _
+  kill "$1" 2>/dev/null || return 0
+  for _ in $(seq 1 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
 cleanup() {
-  for p in "${bg_pids[@]}" $moed_pid $bus_pid; do kill "$p" 2>/dev/null || true; done
-  for p in "${bg_pids[@]}" $moed_pid; do wait "$p" 2>/dev/null || true; done
+  for p in "${bg_pids[@]}" $moed_pid $bus_pid; do stop_pid "$p"; done
   rm -rf "$tmp"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT
 passed=0 failed=0
 
 ok() { echo "ok - $1"; passed=$((passed + 1)); }
@@ -667,8 +674,8 @@ scenario() { # [--as-nobody] name args...
   fi
 }
 wait_file() { # path seconds
-  local i
-  for i in $(seq 1 $(($2 * 10))); do [ -e "$1" ] && return 0; sleep 0.1; done
+  local _
+  for _ in $(seq 1 $(($2 * 10))); do [ -e "$1" ] && return 0; sleep 0.1; done
   return 1
 }
 
@@ -707,8 +714,8 @@ start_moed() {
     "$build/daemon/moed" --user --model "$tmp/tiny.gguf" --socket "$tmp/moed.sock" \
     --threads 2 >>"$tmp/moed.log" 2>&1 &
   moed_pid=$!
-  local i
-  for i in $(seq 1 600); do # 60 s at most
+  local _
+  for _ in $(seq 1 600); do # 60 s at most
     if [ "$(bc call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus \
             NameHasOwner s org.moed.Engine1 2>/dev/null)" = "b true" ]; then
       return 0
@@ -829,7 +836,7 @@ fi
 # ---- SIGTERM: the running Chat finishes, new ones are refused, exit 0 ----
 scenario drain "$addr" "$model" "$moed_pid"
 rc=''
-for i in $(seq 1 600); do # 60 s at most
+for _ in $(seq 1 600); do # 60 s at most
   if ! kill -0 "$moed_pid" 2>/dev/null; then
     rc=0
     wait "$moed_pid" || rc=$?
@@ -847,5 +854,9 @@ else
   ok "moed ran clean under the sanitizers"
 fi
 
+if [ "$failed" -gt 0 ]; then
+  echo "--- moed log (tail)"
+  tail -n 40 "$tmp/moed.log"
+fi
 echo "$passed passed, $failed failed"
 test "$failed" -eq 0
