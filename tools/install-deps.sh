@@ -10,6 +10,7 @@ packages=(
   libpcre2-dev libjansson-dev libcmocka-dev
   # the daemon, its doors and moectl
   libsystemd-dev libmicrohttpd-dev libinih-dev libssl-dev libcurl4-openssl-dev
+  libnl-3-dev libnl-route-3-dev iproute2
   # what the daemon's tests drive it with, and the unit and policy checks
   systemd dbus-daemon curl python3 libxml2-utils polkitd
 )
