@@ -26,15 +26,20 @@
 #include "ipc/dbus.h"
 #include "ipc/front.h"
 #include "ipc/http.h"
+#include "policy/audit.h"
+#include "policy/residency.h"
+#include "policy/usage-store.h"
 #include "moed-config.h"
 
 #define SYSTEM_CONFIG "/etc/moed/moed.conf"
 #define DRAIN_POLL_USEC (100 * 1000)
 #define CANCEL_GRACE_S 5.0
+#define RESIDENCY_USEC (30ull * 1000 * 1000)
+#define USAGE_SAVE_USEC (60ull * 1000 * 1000)
 
 struct opts {
         const char *config, *model, *socket, *threads, *kv_cache, *max_context;
-        bool user, check_config, no_bus, verbose;
+        bool user, check_config, check_residency, no_bus, verbose;
 };
 
 struct moed {
@@ -47,7 +52,12 @@ struct moed {
         struct listen_sock ls;
         struct http_door *http;
         struct dbus_door *bus;
-        sd_event_source *engine_src, *tick_src, *watchdog_src, *drain_src;
+        sd_event_source *engine_src, *tick_src, *watchdog_src, *drain_src, *residency_src;
+        struct residency_status residency;
+        struct audit *audit;
+        sd_event_source *usage_src;
+        bool usage_loaded;               /* never save over a file not read */
+        char *refusal;                   /* the residency finding we refuse with */
         uint64_t watchdog_usec;
         bool stall_logged;
         bool draining, drain_cancelled;
@@ -64,6 +74,7 @@ static void usage(FILE *f)
               "(OpenAI-compatible HTTP) and D-Bus (org.moed.Engine1).\n\n"
               "  --config FILE        system configuration (default " SYSTEM_CONFIG ")\n"
               "  --check-config       check the configuration and the model files, then exit\n"
+              "  --check-residency    report what of the network this process can reach, then exit\n"
               "  --user               per-user mode (the default when not root): the caller is\n"
               "                       the only tenant, the session bus, no config file\n"
               "  --model FILE         model to serve in per-user mode (default: the demo model)\n"
@@ -80,11 +91,12 @@ static void usage(FILE *f)
 
 static int parse_opts(int argc, char **argv, struct opts *o)
 {
-        enum { O_CONFIG = 256, O_CHECK, O_USER, O_MODEL, O_SOCKET, O_THREADS, O_KV, O_CTX,
+        enum { O_CONFIG = 256, O_CHECK, O_CHECK_RES, O_USER, O_MODEL, O_SOCKET, O_THREADS, O_KV, O_CTX,
                O_NOBUS, O_VERSION, O_HELP };
         static const struct option longopts[] = {
                 { "config", required_argument, NULL, O_CONFIG },
                 { "check-config", no_argument, NULL, O_CHECK },
+                { "check-residency", no_argument, NULL, O_CHECK_RES },
                 { "user", no_argument, NULL, O_USER },
                 { "model", required_argument, NULL, O_MODEL },
                 { "socket", required_argument, NULL, O_SOCKET },
@@ -103,6 +115,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
                 switch (c) {
                 case O_CONFIG: o->config = optarg; break;
                 case O_CHECK: o->check_config = true; break;
+                case O_CHECK_RES: o->check_residency = true; break;
                 case O_USER: o->user = true; break;
                 case O_MODEL: o->model = optarg; break;
                 case O_SOCKET: o->socket = optarg; break;
@@ -282,6 +295,128 @@ static int on_engine(sd_event_source *s, int fd, uint32_t revents, void *ud)
         return 0;
 }
 
+/* ---- usage and audit ---- */
+
+/* Usage survives restarts in system mode (StateDirectory=); a crash loses
+ * at most one interval. Per-user mode keeps it for the session only. */
+static void usage_save(struct moed *d)
+{
+        struct moerr e = { { 0 } };
+
+        if (d->usage_loaded && usage_store_save(d->cfg->state_dir, front_quota(d->f), &e) < 0)
+                mo_log(LOG_ERR, "usage: %s", e.msg);
+}
+
+static int on_usage_save(sd_event_source *s, uint64_t usec, void *ud)
+{
+        usage_save(ud);
+        sd_event_source_set_time_relative(s, USAGE_SAVE_USEC);
+        return 0;
+}
+
+static int usage_restore(struct moed *d)
+{
+        struct moerr e = { { 0 } };
+        int r;
+
+        if (d->user_mode)
+                return 0;
+        if ((r = usage_store_load(d->cfg->state_dir, front_quota(d->f), &e)) < 0)
+                /* A corrupt file is set aside by the store and counting
+                 * starts over; any other failure leaves the file alone. */
+                mo_log(r == -EBADMSG ? LOG_CRIT : LOG_ERR, "usage: %s", e.msg);
+        d->usage_loaded = r == 0 || r == -EBADMSG;
+        return sd_event_add_time_relative(d->ev, &d->usage_src, CLOCK_MONOTONIC, USAGE_SAVE_USEC,
+                                          0, on_usage_save, d) < 0 ? -ENOMEM :
+               sd_event_source_set_enabled(d->usage_src, SD_EVENT_ON);
+}
+
+static int open_audit(struct moed *d, const char *file, struct audit **out)
+{
+        struct audit_config ac = { .file = file };
+        struct moerr e = { { 0 } };
+        int r;
+
+        if ((r = audit_open(&ac, out, &e)) < 0)
+                mo_log(LOG_ERR, "audit: %s", e.msg);
+        return r;
+}
+
+/* ---- residency ---- */
+
+/* Reads the network namespace; in strict mode a finding stops service
+ * until it is gone, in relaxed mode it is only reported. */
+static void residency_refresh(struct moed *d)
+{
+        struct residency_report rep = { 0 };
+        _cleanup_free_ char *line = NULL;
+        bool was_ok = d->residency.ok;
+
+        residency_check_netns(&rep);
+        residency_status_set_report(&d->residency, &rep);
+        line = residency_report_line(&rep);
+        residency_report_clear(&rep);
+        front_set_status_extra(d->f, "residency", residency_status_json(&d->residency));
+        if (d->residency.ok) {
+                if (!was_ok && d->refusal)
+                        mo_log(LOG_NOTICE, "residency: the network is gone again; serving");
+                free(d->refusal);
+                d->refusal = NULL;
+                front_set_refusal(d->f, NULL);
+                return;
+        }
+        if (d->refusal && line && strcmp(d->refusal, line) == 0)
+                return;
+        if (d->residency.strict) {
+                mo_log(LOG_ERR, "residency (strict): %s; refusing to serve", line ? line : "?");
+                front_set_refusal(d->f, line ? line : "the network check failed");
+        } else if (was_ok || !d->refusal) {
+                mo_log(LOG_WARNING, "residency (relaxed): %s", line ? line : "?");
+        }
+        free(d->refusal);
+        d->refusal = TAKE_PTR(line);
+}
+
+static int on_residency(sd_event_source *s, uint64_t usec, void *ud)
+{
+        residency_refresh(ud);
+        sd_event_source_set_time_relative(s, RESIDENCY_USEC);
+        return 0;
+}
+
+static int check_residency(void)
+{
+        struct residency_report rep = { 0 };
+        _cleanup_free_ char *text = NULL;
+        bool ok;
+
+        residency_check_netns(&rep);
+        ok = rep.ok;
+        text = residency_report_text(&rep);
+        residency_report_clear(&rep);
+        fputs(text ? text : "out of memory\n", stdout);
+        return ok ? 0 : 1;
+}
+
+/* A model may load only from ModelDirectories= (system mode): the file is
+ * opened beneath one of them and loaded through that very descriptor. */
+static int open_model_checked(struct moed *d, const struct config_model *m, char **load_path,
+                              int *fd)
+{
+        struct moerr e = { { 0 } };
+
+        *fd = -1;
+        if (d->user_mode)
+                return (*load_path = strdup(m->path)) ? 0 : -ENOMEM;
+        *fd = residency_check_model_path(m->path, d->cfg->model_dirs, d->cfg->n_model_dirs,
+                                         d->cfg->allow_network_fs, load_path, &e);
+        if (*fd < 0) {
+                mo_log(LOG_ERR, "model %s: %s", m->id, e.msg);
+                return *fd;
+        }
+        return 0;
+}
+
 /* ---- reload and drain ---- */
 
 /* Tenants and limits change for new requests; models, socket and threads
@@ -305,6 +440,20 @@ static int reload(void *ud, struct moerr *e)
                     nc->threads != d->cfg->threads || nc->kv_cache_bytes != d->cfg->kv_cache_bytes)
                         mo_log(LOG_WARNING, "socket, models, threads and KV cache size take "
                                "effect at the next restart");
+                if (strcmp(nc->audit_file ? nc->audit_file : "",
+                           d->cfg->audit_file ? d->cfg->audit_file : "") != 0) {
+                        struct audit *a = NULL;
+                        if ((r = open_audit(d, nc->audit_file, &a)) < 0) {
+                                moerr_set(e, r, "the new AuditFile= cannot be opened; keeping "
+                                          "the old configuration");
+                                goto done;
+                        }
+                        front_set_audit(d->f, a);
+                        audit_close(d->audit);
+                        d->audit = a;
+                        free(d->cfg->audit_file);
+                        d->cfg->audit_file = TAKE_PTR(nc->audit_file);
+                }
                 free(d->cfg->tenants_dir);
                 d->cfg->tenants_dir = TAKE_PTR(nc->tenants_dir);
                 d->cfg->max_queued = nc->max_queued;
@@ -388,15 +537,22 @@ static int on_sigterm(sd_event_source *s, const struct signalfd_siginfo *si, voi
 
 /* ---- start-up ---- */
 
-static void harden(void)
+/* Prompts and answers live in this process's memory: no core dumps, no
+ * ptrace by other processes of our uid, and no swap where memory can be
+ * locked (the model's file pages are unlocked again after loading: they
+ * are clean page cache and never reach swap). */
+static void harden(struct moed *d)
 {
-        struct rlimit no_core = { 0, 0 };
+        struct moerr e = { { 0 } };
 
-        /* Prompts and answers live in this process's memory: no core
-         * dumps of it, and no ptrace by other processes of our uid. */
-        setrlimit(RLIMIT_CORE, &no_core);
-        prctl(PR_SET_DUMPABLE, 0);
         signal(SIGPIPE, SIG_IGN);
+        d->residency.strict = !d->user_mode && d->cfg->residency == RESIDENCY_STRICT;
+        d->residency.core_dumps_off = residency_disable_core_dumps(&e) == 0;
+        if (!d->residency.core_dumps_off)
+                mo_log(LOG_WARNING, "%s", e.msg);
+        d->residency.memory_locked = residency_lock_memory(&e) == 0;
+        if (!d->residency.memory_locked)
+                mo_log(d->user_mode ? LOG_INFO : LOG_WARNING, "%s", e.msg);
 }
 
 static int load_models(struct moed *d)
@@ -407,8 +563,13 @@ static int load_models(struct moed *d)
         for (size_t i = 0; i < d->cfg->n_models; i++) {
                 const struct config_model *m = &d->cfg->models[i];
                 double t0 = eng_now();
+                _cleanup_free_ char *load_path = NULL;
+                _cleanup_close_ int fd = -1;
                 mo_log(LOG_INFO, "loading model %s from %s", m->id, m->path);
-                if ((r = eng_add_model(d->g, m->id, m->path, on_progress, d, &e)) < 0) {
+                if ((r = open_model_checked(d, m, &load_path, &fd)) < 0)
+                        return r;
+                if ((r = eng_add_model_as(d->g, m->id, load_path, m->path, on_progress, d,
+                                          &e)) < 0) {
                         mo_log(LOG_ERR, "%s", e.msg);
                         return r;
                 }
@@ -447,6 +608,8 @@ static int start_engine(struct moed *d)
         }
         if ((r = load_models(d)) < 0 || (r = load_tenants(d, &t)) < 0)
                 return r;
+        if (d->residency.memory_locked && residency_unlock_file_mappings(&e) < 0)
+                mo_log(LOG_WARNING, "%s", e.msg);
         if ((r = front_new(d->g, t, &(struct front_limits){ .max_queued = d->cfg->max_queued },
                            &d->f, &e)) < 0 ||
             (r = eng_start(d->g, &e)) < 0) {
@@ -459,6 +622,9 @@ static int start_engine(struct moed *d)
                                          d->cfg->threads > 0 ? d->cfg->threads :
                                                                (int)sysconf(_SC_NPROCESSORS_ONLN)));
         front_set_status_extra(d->f, "mode", json_string(d->user_mode ? "user" : "system"));
+        if ((r = open_audit(d, d->cfg->audit_file, &d->audit)) < 0)
+                return r;
+        front_set_audit(d->f, d->audit);
         return 0;
 }
 
@@ -528,6 +694,13 @@ static int attach_engine(struct moed *d)
                                             0, on_tick, d)) < 0)
                 return r;
         sd_event_source_set_enabled(d->tick_src, SD_EVENT_ON);
+        if ((r = usage_restore(d)) < 0)
+                return r;
+        residency_refresh(d);
+        if ((r = sd_event_add_time_relative(d->ev, &d->residency_src, CLOCK_MONOTONIC,
+                                            RESIDENCY_USEC, 0, on_residency, d)) < 0)
+                return r;
+        sd_event_source_set_enabled(d->residency_src, SD_EVENT_ON);
         if (sd_watchdog_enabled(0, &d->watchdog_usec) > 0) {
                 if ((r = sd_event_add_time_relative(d->ev, &d->watchdog_src, CLOCK_MONOTONIC,
                                                     d->watchdog_usec / 2, 0, on_watchdog, d)) < 0)
@@ -545,13 +718,18 @@ static void shut_down(struct moed *d)
                 eng_stop(d->g);
         if (d->f)
                 front_dispatch(d->f);
+        usage_save(d);
         front_free(d->f);
+        audit_close(d->audit);
         eng_free(d->g);
         listen_close(&d->ls);
         sd_event_source_disable_unref(d->engine_src);
         sd_event_source_disable_unref(d->tick_src);
         sd_event_source_disable_unref(d->watchdog_src);
         sd_event_source_disable_unref(d->drain_src);
+        sd_event_source_disable_unref(d->residency_src);
+        sd_event_source_disable_unref(d->usage_src);
+        free(d->refusal);
         sd_event_unref(d->ev);
         config_free(d->cfg);
 }
@@ -579,19 +757,21 @@ int main(int argc, char **argv)
                 mo_log_set_max(LOG_DEBUG);
         if (d.o.check_config)
                 return check_config(&d);
+        if (d.o.check_residency)
+                return check_residency();
         d.user_mode = d.o.user || (getuid() != 0 && !d.o.config);
         if (!d.user_mode && d.o.model) {
                 mo_log(LOG_ERR, "--model is for per-user mode; system models come from %s",
                        SYSTEM_CONFIG);
                 return 2;
         }
-        harden();
         r = d.user_mode ? user_config(&d) :
                           load_system_config(d.o.config ? d.o.config : SYSTEM_CONFIG, true, &d.cfg);
         if (r < 0 || (r = apply_overrides(&d)) < 0) {
                 config_free(d.cfg);
                 return 1;
         }
+        harden(&d);
         if (d.cfg->n_models == 0) {
                 mo_log(LOG_ERR, "no model configured: add a [Model ID] section with Path=");
                 config_free(d.cfg);

@@ -250,6 +250,13 @@ static int model_kv_new(struct eng *g, struct eng_model *em, struct moerr *e)
 int eng_add_model(struct eng *g, const char *id, const char *path, eng_progress_fn progress,
                   void *ud, struct moerr *e)
 {
+        return eng_add_model_as(g, id, path, path, progress, ud, e);
+}
+
+int eng_add_model_as(struct eng *g, const char *id, const char *load_path,
+                     const char *shown_path, eng_progress_fn progress, void *ud,
+                     struct moerr *e)
+{
         struct eng_model *ms, *em;
         int ret;
 
@@ -264,12 +271,12 @@ int eng_add_model(struct eng *g, const char *id, const char *path, eng_progress_
         em = &ms[g->n_models];
         memset(em, 0, sizeof *em);
         em->id = strdup(id);
-        em->path = strdup(path);
+        em->path = strdup(shown_path);
         if (!em->id || !em->path) {
                 ret = moerr_set(e, -ENOMEM, "out of memory");
                 goto fail;
         }
-        if ((ret = model_load(path, &em->m, e)) < 0)
+        if ((ret = model_load(load_path, &em->m, e)) < 0)
                 goto fail;
         em->n_ctx = em->m->hp.n_ctx_train;
         if (g->c.max_context > 0 && g->c.max_context < em->n_ctx)

@@ -35,6 +35,11 @@ int eng_new(const struct eng_config *c, struct eng **out, struct moerr *e);
 /* Loads a model under the id clients will ask for. Before eng_start only. */
 int eng_add_model(struct eng *g, const char *id, const char *path, eng_progress_fn progress,
                   void *ud, struct moerr *e);
+/* The same, loading from load_path (say /proc/self/fd/N of a file the
+ * residency check opened) while reports show shown_path. */
+int eng_add_model_as(struct eng *g, const char *id, const char *load_path,
+                     const char *shown_path, eng_progress_fn progress, void *ud,
+                     struct moerr *e);
 /* Starts the engine thread. */
 int eng_start(struct eng *g, struct moerr *e);
 /* Stops the thread: requests still running finish with ENG_FINISH_SHUTDOWN

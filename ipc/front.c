@@ -13,13 +13,10 @@
 #include <time.h>
 
 #include "common/cleanup.h"
+#include "common/log.h"
 #include "moed-config.h"
-
-/* Counters of one tenant, kept by name so they survive a reload. */
-struct tenant_count {
-        char *name;
-        int64_t requests, refusals, prompt_tokens, completion_tokens, active;
-};
+#include "policy/audit.h"
+#include "policy/quota.h"
 
 struct front_req {
         struct front *f;
@@ -30,7 +27,17 @@ struct front_req {
         int64_t created;
         const char *model;
         int64_t n_prompt;
-        size_t tc;               /* index in f->counts */
+        struct quota_ticket tk;
+        bool started;            /* the engine has produced something */
+        /* For the audit record: who asked, and the content only for
+         * tenants with LogContent=yes. */
+        enum front_door door;
+        uid_t uid;
+        gid_t gid;
+        pid_t pid;
+        char *tenant;
+        char *prompt_text, *answer;
+        size_t answer_len, answer_cap;
         struct front_req *prev, *next;
 };
 
@@ -39,11 +46,12 @@ struct front {
         struct tenant_set *tenants;
         struct front_limits lim;
         bool draining;
+        char *refusal;
         char state[16];
         double started;
         json_t *extra;
-        struct tenant_count *counts;
-        size_t n_counts;
+        struct quota_book *quota;
+        struct audit *audit;     /* the daemon's, or NULL */
         struct front_req *reqs;  /* active, doubly linked */
         size_t n_active;
         /* tokens/s over the last ten ticks */
@@ -88,7 +96,12 @@ int front_new(struct eng *g, struct tenant_set *tenants, const struct front_limi
 {
         struct front *f = calloc(1, sizeof *f);
 
-        if (!f || !(f->extra = json_object())) {
+        if (!f || !(f->extra = json_object()) || !(f->quota = quota_book_new(NULL)) ||
+            quota_book_reload(f->quota, tenants) < 0) {
+                if (f) {
+                        json_decref(f->extra);
+                        quota_book_free(f->quota);
+                }
                 free(f);
                 return moerr_set(e, -ENOMEM, "out of memory");
         }
@@ -107,23 +120,101 @@ void front_free(struct front *f)
                 return;
         while (f->reqs)
                 front_abandon(f->reqs);
-        for (size_t i = 0; i < f->n_counts; i++)
-                free(f->counts[i].name);
-        free(f->counts);
+        quota_book_free(f->quota);
         tenant_set_free(f->tenants);
         json_decref(f->extra);
+        free(f->refusal);
         free(f);
 }
 
 void front_set_tenants(struct front *f, struct tenant_set *t)
 {
+        /* Running requests hold quota tickets by slot, not tenant pointers,
+         * so the old set can go at once. */
+        if (quota_book_reload(f->quota, t) < 0)
+                mo_log(LOG_ERR, "reload: out of memory for the quota book");
         tenant_set_free(f->tenants);
         f->tenants = t;
+}
+
+struct quota_book *front_quota(struct front *f) { return f->quota; }
+
+void front_set_audit(struct front *f, struct audit *a) { f->audit = a; }
+
+/* One record per refused request: who, what, and the reason. */
+static void audit_refusal(struct front *f, const struct front_caller *c, const struct tenant *t,
+                          const struct oai_request *r, const struct front_error *err)
+{
+        struct audit_record rec = {
+                .tenant = t ? t->name : NULL,
+                .uid = c->uid,
+                .gid = c->gid,
+                .pid = c->pid,
+                .door = front_door_name(c->door),
+                .model = r ? r->model : NULL,
+                .refusal = err->oai.message,
+        };
+
+        if (f->audit)
+                audit_log(f->audit, &rec);
+}
+
+static void audit_finish(struct front_req *q, const char *finish, const struct eng_usage *u)
+{
+        struct audit_record rec = {
+                .tenant = q->tenant,
+                .uid = q->uid,
+                .gid = q->gid,
+                .pid = q->pid,
+                .door = front_door_name(q->door),
+                .model = q->model,
+                .request_id = q->id,
+                .prompt_tokens = u ? u->prompt_tokens : q->n_prompt,
+                .completion_tokens = u ? u->completion_tokens : q->tk.output_tokens,
+                .queue_s = u ? u->queue_s : 0,
+                .first_token_s = u ? u->first_token_s : 0,
+                .total_s = u ? u->total_s : 0,
+                .finish_reason = finish,
+                .prompt_text = q->prompt_text,
+                .answer_text = q->answer ? q->answer : (q->prompt_text ? "" : NULL),
+        };
+
+        if (q->f->audit)
+                audit_log(q->f->audit, &rec);
+}
+
+/* The prompt as the tenant sent it, for its audit record (LogContent=yes). */
+static char *prompt_for_log(const struct oai_request *r)
+{
+        size_t len = 0;
+        char *s, *p;
+
+        if (r->kind != OAI_CHAT)
+                return strdup(r->prompt ? r->prompt : "");
+        for (size_t i = 0; i < r->n_messages; i++)
+                len += strlen(r->messages[i].role) + strlen(r->messages[i].content) + 3;
+        if (!(s = p = malloc(len + 1)))
+                return NULL;
+        for (size_t i = 0; i < r->n_messages; i++)
+                p += sprintf(p, "%s: %s\n", r->messages[i].role, r->messages[i].content);
+        *p = 0;
+        return s;
 }
 
 void front_set_limits(struct front *f, const struct front_limits *l)
 {
         f->lim = *l;
+}
+
+void front_set_refusal(struct front *f, const char *why)
+{
+        free(f->refusal);
+        f->refusal = why ? strdup(why) : NULL;
+}
+
+bool front_serving(const struct front *f)
+{
+        return !f->draining && !f->refusal;
 }
 
 void front_set_draining(struct front *f, bool on)
@@ -143,26 +234,6 @@ void front_set_state(struct front *f, const char *state)
 void front_set_status_extra(struct front *f, const char *key, json_t *value)
 {
         json_object_set_new(f->extra, key, value);
-}
-
-/* Index of a tenant's counters, created on first use; SIZE_MAX when out
- * of memory. */
-static size_t count_of(struct front *f, const char *name)
-{
-        struct tenant_count *c;
-
-        for (size_t i = 0; i < f->n_counts; i++)
-                if (strcmp(f->counts[i].name, name) == 0)
-                        return i;
-        c = realloc(f->counts, (f->n_counts + 1) * sizeof *c);
-        if (!c)
-                return SIZE_MAX;
-        f->counts = c;
-        c = &f->counts[f->n_counts];
-        memset(c, 0, sizeof *c);
-        if (!(c->name = strdup(name)))
-                return SIZE_MAX;
-        return f->n_counts++;
 }
 
 const struct tenant *front_identify(struct front *f, const struct front_caller *c,
@@ -258,7 +329,6 @@ static void req_link(struct front *f, struct front_req *q)
                 f->reqs->prev = q;
         f->reqs = q;
         f->n_active++;
-        f->counts[q->tc].active++;
 }
 
 static void req_unlink_free(struct front_req *q)
@@ -272,7 +342,13 @@ static void req_unlink_free(struct front_req *q)
         if (q->next)
                 q->next->prev = q->prev;
         f->n_active--;
-        f->counts[q->tc].active--;
+        if (q->prompt_text)
+                memset(q->prompt_text, 0, strlen(q->prompt_text));
+        if (q->answer)
+                memset(q->answer, 0, q->answer_cap);
+        free(q->prompt_text);
+        free(q->answer);
+        free(q->tenant);
         free(q);
 }
 
@@ -288,32 +364,37 @@ static void make_id(char *buf, size_t cap, enum oai_kind k)
                 snprintf(buf + n, cap - n, "%02x", rnd[i]);
 }
 
-/* Limits this door enforces before the engine sees the request. */
-static int admit(struct front *f, const struct tenant *t, size_t tc, struct front_error *err)
+/* The engine-wide queue bound, then the tenant's quotas (policy/quota). */
+static int admit(struct front *f, const struct tenant *t, const char *model, int64_t n_prompt,
+                 int64_t max_tokens, struct quota_ticket *tk, struct front_error *err)
 {
+        struct quota_refusal why;
         struct eng_stats st;
+        int r;
 
         eng_get_stats(f->g, &st);
         if (st.waiting >= f->lim.max_queued) {
+                quota_count_refusal(f->quota, t->name, QUOTA_OTHER);
                 ferr(err, 429, FRONT_ERR_QUOTA, NULL, "queue_full",
                      "the engine's queue is full (%lld requests waiting); retry shortly",
                      (long long)st.waiting);
                 err->retry_after_s = 1;
                 return -EBUSY;
         }
-        if (f->counts[tc].active >= t->max_concurrent) {
-                ferr(err, 429, FRONT_ERR_QUOTA, NULL, "max_concurrent",
-                     "tenant %s has %lld requests running, its MaxConcurrent=%lld",
-                     t->name, (long long)f->counts[tc].active, (long long)t->max_concurrent);
-                err->retry_after_s = 1;
-                return -EBUSY;
-        }
-        return 0;
+        if ((r = quota_admit(f->quota, t, model, n_prompt, max_tokens, st.waiting > 0, tk,
+                             &why)) == 0)
+                return 0;
+        ferr(err, why.status, why.status == 429 ? FRONT_ERR_QUOTA :
+                              why.status == 403 ? FRONT_ERR_ACCESS : FRONT_ERR_INVALID,
+             why.reason == QUOTA_MAX_OUTPUT ? "max_tokens" : NULL, quota_reason_name(why.reason),
+             "%s", why.msg);
+        err->retry_after_s = (int)MO_MIN(why.retry_after_s, 86400);
+        return r;
 }
 
-int front_submit(struct front *f, const struct front_caller *c, const struct oai_request *r,
-                 const struct front_sink *sink, void *ud, struct front_req **out,
-                 struct front_error *err)
+static int submit(struct front *f, const struct front_caller *c, const struct oai_request *r,
+                  const struct front_sink *sink, void *ud, struct front_req **out,
+                  struct front_error *err, const struct tenant **tp)
 {
         const struct tenant *t;
         struct eng_model_info mi;
@@ -321,7 +402,7 @@ int front_submit(struct front *f, const struct front_caller *c, const struct oai
         struct moerr e = { { 0 } };
         _cleanup_free_ int32_t *ids = NULL;
         struct front_req *q;
-        size_t n = 0, tc;
+        size_t n = 0;
         int m, ret;
 
         if (f->draining) {
@@ -329,48 +410,55 @@ int front_submit(struct front *f, const struct front_caller *c, const struct oai
                      "moed is shutting down and takes no new requests");
                 return -ESHUTDOWN;
         }
-        if (!(t = front_identify(f, c, err)))
-                return -EACCES;
-        if ((tc = count_of(f, t->name)) == SIZE_MAX) {
-                ferr(err, 500, FRONT_ERR_FAILED, NULL, NULL, "out of memory");
-                return -ENOMEM;
+        if (f->refusal) {
+                ferr(err, 503, FRONT_ERR_UNAVAILABLE, NULL, "not_serving",
+                     "moed refuses to serve: %s", f->refusal);
+                return -EPERM;
         }
-        if ((m = find_model(f, t, r->model, err)) < 0 || (ret = admit(f, t, tc, err)) < 0 ||
+        if (!(t = *tp = front_identify(f, c, err)))
+                return -EACCES;
+        if ((m = find_model(f, t, r->model, err)) < 0 ||
             (ret = prompt_tokens(f, m, r, &ids, &n, err)) < 0) {
-                f->counts[tc].refusals++;
+                quota_count_refusal(f->quota, t->name, m < 0 ? QUOTA_MODELS : QUOTA_OTHER);
                 return m < 0 ? -ENOENT : ret;
         }
         eng_model_get(f->g, (size_t)m, &mi);
-        if ((int64_t)n >= MO_MIN(mi.n_ctx, t->max_context)) {
-                f->counts[tc].refusals++;
+        if ((int64_t)n >= mi.n_ctx) {
+                quota_count_refusal(f->quota, t->name, QUOTA_OTHER);
                 ferr(err, 400, FRONT_ERR_INVALID, r->kind == OAI_CHAT ? "messages" : "prompt",
                      "context_length_exceeded",
-                     "the prompt is %zu tokens; model '%s' takes at most %lld for tenant %s",
-                     n, mi.id, (long long)MO_MIN(mi.n_ctx, t->max_context) - 1, t->name);
+                     "the prompt is %zu tokens; model '%s' takes at most %lld", n, mi.id,
+                     (long long)mi.n_ctx - 1);
                 return -E2BIG;
         }
         if (!(q = calloc(1, sizeof *q))) {
                 ferr(err, 500, FRONT_ERR_FAILED, NULL, NULL, "out of memory");
                 return -ENOMEM;
         }
+        if ((ret = admit(f, t, mi.id, (int64_t)n, r->max_tokens, &q->tk, err)) < 0) {
+                free(q);
+                return ret;
+        }
         p.model = m;
         p.prompt = ids;
         p.n_prompt = n;
         p.max_tokens = r->max_tokens > 0 ? r->max_tokens :
                        f->lim.default_max_tokens > 0 ? f->lim.default_max_tokens : mi.n_ctx;
-        p.max_tokens = MO_MIN(p.max_tokens, t->max_output);
+        p.max_tokens = MO_MIN(p.max_tokens, q->tk.max_output);
         p.sampling = r->sampling;
         p.stop = (const char *const *)r->stop;
         p.n_stop = r->n_stop;
-        p.tenant = (uint32_t)tc; /* stable across reloads, unlike t->id */
+        p.tenant = (uint32_t)q->tk.slot; /* stable across reloads, unlike t->id */
         p.weight = t->weight;
         p.kv_share = t->kv_share;
         p.interactive = t->priority == TENANT_INTERACTIVE;
         p.user = q;
         if ((ret = eng_submit(f->g, &p, &q->er, &e)) < 0) {
+                quota_undo(f->quota, &q->tk);
                 free(q);
-                f->counts[tc].refusals++;
-                ferr(err, 400, FRONT_ERR_INVALID, NULL, NULL, "%s", e.msg);
+                ferr(err, ret == -ESHUTDOWN ? 503 : 400,
+                     ret == -ESHUTDOWN ? FRONT_ERR_UNAVAILABLE : FRONT_ERR_INVALID, NULL, NULL,
+                     "%s", e.msg);
                 return ret;
         }
         memset(ids, 0, n * sizeof *ids);
@@ -380,18 +468,36 @@ int front_submit(struct front *f, const struct front_caller *c, const struct oai
         q->created = (int64_t)time(NULL);
         q->model = mi.id;
         q->n_prompt = (int64_t)n;
-        q->tc = tc;
+        q->door = c->door;
+        q->uid = c->uid;
+        q->gid = c->gid;
+        q->pid = c->pid;
+        q->tenant = strdup(t->name);
+        if (t->log_content)
+                q->prompt_text = prompt_for_log(r);
         make_id(q->id, sizeof q->id, r->kind);
         req_link(f, q);
-        f->counts[tc].requests++;
-        f->counts[tc].prompt_tokens += (int64_t)n;
         *out = q;
         return 0;
 }
 
+int front_submit(struct front *f, const struct front_caller *c, const struct oai_request *r,
+                 const struct front_sink *sink, void *ud, struct front_req **out,
+                 struct front_error *err)
+{
+        const struct tenant *t = NULL;
+        int ret = submit(f, c, r, sink, ud, out, err, &t);
+
+        if (ret < 0)
+                audit_refusal(f, c, t, r, err);
+        return ret;
+}
+
 void front_abandon(struct front_req *q)
 {
+        audit_finish(q, "cancelled", NULL);
         eng_req_release(q->er);
+        quota_release(q->f->quota, &q->tk, q->tk.output_tokens);
         req_unlink_free(q);
 }
 
@@ -407,6 +513,28 @@ int64_t front_req_prompt_tokens(const struct front_req *q) { return q->n_prompt;
 
 int front_event_fd(const struct front *f) { return eng_event_fd(f->g); }
 
+/* Keeps the answer for the audit record of a LogContent=yes tenant; on
+ * out of memory the record simply lacks it. */
+static void answer_append(struct front_req *q, const char *s, size_t n)
+{
+        if (q->answer_len + n + 1 > q->answer_cap) {
+                size_t cap = MO_MAX(q->answer_cap * 2, q->answer_len + n + 256);
+                char *a = malloc(cap);
+                if (!a)
+                        return;
+                if (q->answer) {
+                        memcpy(a, q->answer, q->answer_len);
+                        memset(q->answer, 0, q->answer_cap);
+                        free(q->answer);
+                }
+                q->answer = a;
+                q->answer_cap = cap;
+        }
+        memcpy(q->answer + q->answer_len, s, n);
+        q->answer_len += n;
+        q->answer[q->answer_len] = 0;
+}
+
 static const char *finish_word(enum eng_finish fin)
 {
         switch (fin) {
@@ -421,9 +549,20 @@ static void on_update(struct eng_req *er, void *user, const struct eng_update *u
 {
         struct front_req *q = user;
         struct front *f = ud;
+        struct quota_refusal why;
         struct oai_usage usage;
 
-        f->counts[q->tc].completion_tokens += u->new_tokens;
+        if (!q->started) {
+                q->started = true;
+                quota_set_queued(f->quota, &q->tk, false);
+        }
+        /* Crossing a token budget mid-stream ends the answer as "length",
+         * with the limit named, rather than cutting it without a word. */
+        if (u->new_tokens && !quota_charge_output(f->quota, &q->tk, u->new_tokens, &why) &&
+            u->finish == ENG_FINISH_NONE)
+                eng_cancel(er, ENG_FINISH_LENGTH, why.msg);
+        if (u->len && q->prompt_text)
+                answer_append(q, u->text, u->len);
         if (u->len)
                 q->sink.text(q->ud, u->text, u->len);
         if (u->finish == ENG_FINISH_NONE)
@@ -436,6 +575,8 @@ static void on_update(struct eng_req *er, void *user, const struct eng_update *u
                 .total_s = u->usage.total_s,
                 .detail = u->why,
         };
+        quota_release(f->quota, &q->tk, u->usage.completion_tokens);
+        audit_finish(q, finish_word(u->finish), &u->usage);
         q->sink.finished(q->ud, finish_word(u->finish), u->why, &usage);
         eng_req_release(er);
         req_unlink_free(q);
@@ -516,33 +657,38 @@ static bool is_admin(const struct tenant *t, const struct front_caller *c)
         return c->uid == 0 || (t && t->admin);
 }
 
+static json_t *usage_json(const struct quota_usage *u)
+{
+        json_t *refused = json_object();
+
+        for (int k = 0; refused && k < QUOTA_N_REASONS; k++)
+                if (u->refused[k])
+                        json_object_set_new(refused, quota_reason_name(k),
+                                            json_integer(u->refused[k]));
+        return json_pack("{s:s, s:I, s:I, s:o, s:I, s:I, s:I, s:I, s:I}", "name", u->name,
+                         "requests", (json_int_t)u->requests, "refusals",
+                         (json_int_t)u->refusals, "refused", refused, "prompt_tokens",
+                         (json_int_t)u->prompt_tokens, "completion_tokens",
+                         (json_int_t)u->completion_tokens, "active", (json_int_t)u->in_flight,
+                         "queued", (json_int_t)u->queued, "limited", (json_int_t)u->limited);
+}
+
 json_t *front_usage(struct front *f, const struct front_caller *c, struct front_error *err)
 {
         const struct tenant *t = front_identify(f, c, err);
         bool all = is_admin(t, c);
-        json_t *list, *o;
+        struct quota_usage u;
+        json_t *list;
 
         if (!t && !all)
                 return NULL;
         if (!(list = json_array()))
                 return NULL;
-        for (size_t i = 0; i < f->n_counts; i++) {
-                const struct tenant_count *k = &f->counts[i];
-                if (!all && strcmp(k->name, t->name) != 0)
-                        continue;
-                json_array_append_new(list, json_pack(
-                        "{s:s, s:I, s:I, s:I, s:I, s:I}", "name", k->name, "requests",
-                        (json_int_t)k->requests, "refusals", (json_int_t)k->refusals,
-                        "prompt_tokens", (json_int_t)k->prompt_tokens, "completion_tokens",
-                        (json_int_t)k->completion_tokens, "active", (json_int_t)k->active));
-        }
-        if (t && json_array_size(list) == 0 && !all)
-                json_array_append_new(list, json_pack("{s:s, s:i, s:i, s:i, s:i, s:i}", "name",
-                                                      t->name, "requests", 0, "refusals", 0,
-                                                      "prompt_tokens", 0, "completion_tokens", 0,
-                                                      "active", 0));
-        o = json_pack("{s:s?, s:o}", "tenant", t ? t->name : NULL, "tenants", list);
-        return o;
+        for (size_t i = 0; i < quota_usage_count(f->quota); i++)
+                if (quota_usage_get(f->quota, i, &u) == 0 &&
+                    (all || strcmp(u.name, t->name) == 0))
+                        json_array_append_new(list, usage_json(&u));
+        return json_pack("{s:s?, s:o}", "tenant", t ? t->name : NULL, "tenants", list);
 }
 
 void front_tick(struct front *f)
@@ -613,30 +759,43 @@ static void metrics_tenants(struct front *f, struct sbuf *b)
                 const char *name, *help;
                 size_t off;
         } cs[] = {
-                { "moed_requests_total", "Requests accepted, per tenant.",
-                  offsetof(struct tenant_count, requests) },
-                { "moed_refusals_total", "Requests refused (limits, bad input), per tenant.",
-                  offsetof(struct tenant_count, refusals) },
-                { "moed_prompt_tokens_total", "Prompt tokens of accepted requests, per tenant.",
-                  offsetof(struct tenant_count, prompt_tokens) },
+                { "moed_requests_total", "Requests admitted, per tenant.",
+                  offsetof(struct quota_usage, requests) },
+                { "moed_prompt_tokens_total", "Prompt tokens of admitted requests, per tenant.",
+                  offsetof(struct quota_usage, prompt_tokens) },
                 { "moed_completion_tokens_total", "Tokens generated, per tenant.",
-                  offsetof(struct tenant_count, completion_tokens) },
+                  offsetof(struct quota_usage, completion_tokens) },
                 { "moed_active_requests", "Requests running or queued, per tenant.",
-                  offsetof(struct tenant_count, active) },
+                  offsetof(struct quota_usage, in_flight) },
         };
+        size_t n = quota_usage_count(f->quota);
+        struct quota_usage u;
 
         for (size_t k = 0; k < ARRAY_SIZE(cs); k++) {
-                metric_head(b, cs[k].name, k == 4 ? "gauge" : "counter", cs[k].help);
-                for (size_t i = 0; i < f->n_counts; i++)
-                        sb_printf(b, "%s{tenant=\"%s\"} %" PRId64 "\n", cs[k].name,
-                                  f->counts[i].name,
-                                  *(const int64_t *)((const char *)&f->counts[i] + cs[k].off));
+                metric_head(b, cs[k].name, k == 3 ? "gauge" : "counter", cs[k].help);
+                for (size_t i = 0; i < n; i++)
+                        if (quota_usage_get(f->quota, i, &u) == 0)
+                                sb_printf(b, "%s{tenant=\"%s\"} %" PRId64 "\n", cs[k].name,
+                                          u.name, *(const int64_t *)((const char *)&u +
+                                                                     cs[k].off));
+        }
+        metric_head(b, "moed_refusals_total", "counter",
+                    "Requests refused, per tenant and limit (other: bad input, no model).");
+        for (size_t i = 0; i < n; i++) {
+                if (quota_usage_get(f->quota, i, &u) < 0)
+                        continue;
+                for (int r = 0; r < QUOTA_N_REASONS; r++)
+                        if (u.refused[r])
+                                sb_printf(b, "moed_refusals_total{tenant=\"%s\",reason=\"%s\"} %"
+                                          PRId64 "\n", u.name, quota_reason_name(r),
+                                          u.refused[r]);
         }
 }
 
 char *front_metrics(struct front *f)
 {
         struct sbuf b = { 0 };
+        struct eng_model_info mi;
         struct eng_stats st;
         int64_t cum = 0;
 
@@ -648,10 +807,13 @@ char *front_metrics(struct front *f)
         sb_printf(&b, "moed_running_sequences %" PRId64 "\n", st.running);
         metric_head(&b, "moed_kv_blocks_used", "gauge", "KV cache blocks in use, per model.");
         for (size_t i = 0; i < eng_model_count(f->g); i++) {
-                struct eng_model_info mi;
                 eng_model_get(f->g, i, &mi);
                 sb_printf(&b, "moed_kv_blocks_used{model=\"%s\"} %" PRId64 "\n", mi.id,
                           mi.kv_blocks_used);
+        }
+        metric_head(&b, "moed_kv_blocks_free", "gauge", "KV cache blocks free, per model.");
+        for (size_t i = 0; i < eng_model_count(f->g); i++) {
+                eng_model_get(f->g, i, &mi);
                 sb_printf(&b, "moed_kv_blocks_free{model=\"%s\"} %" PRId64 "\n", mi.id,
                           mi.kv_blocks_total - mi.kv_blocks_used);
         }

