@@ -143,7 +143,8 @@ void front_set_audit(struct front *f, struct audit *a) { f->audit = a; }
 
 /* One record per refused request: who, what, and the reason. */
 static void audit_refusal(struct front *f, const struct front_caller *c, const struct tenant *t,
-                          const struct oai_request *r, const struct front_error *err)
+                          const struct oai_request *r, int64_t n_prompt,
+                          const struct front_error *err)
 {
         struct audit_record rec = {
                 .tenant = t ? t->name : NULL,
@@ -152,6 +153,7 @@ static void audit_refusal(struct front *f, const struct front_caller *c, const s
                 .pid = c->pid,
                 .door = front_door_name(c->door),
                 .model = r ? r->model : NULL,
+                .prompt_tokens = n_prompt,
                 .refusal = err->oai.message,
         };
 
@@ -394,7 +396,7 @@ static int admit(struct front *f, const struct tenant *t, const char *model, int
 
 static int submit(struct front *f, const struct front_caller *c, const struct oai_request *r,
                   const struct front_sink *sink, void *ud, struct front_req **out,
-                  struct front_error *err, const struct tenant **tp)
+                  struct front_error *err, const struct tenant **tp, int64_t *n_prompt)
 {
         const struct tenant *t;
         struct eng_model_info mi;
@@ -422,6 +424,7 @@ static int submit(struct front *f, const struct front_caller *c, const struct oa
                 quota_count_refusal(f->quota, t->name, m < 0 ? QUOTA_MODELS : QUOTA_OTHER);
                 return m < 0 ? -ENOENT : ret;
         }
+        *n_prompt = (int64_t)n;
         eng_model_get(f->g, (size_t)m, &mi);
         if ((int64_t)n >= mi.n_ctx) {
                 quota_count_refusal(f->quota, t->name, QUOTA_OTHER);
@@ -486,10 +489,11 @@ int front_submit(struct front *f, const struct front_caller *c, const struct oai
                  struct front_error *err)
 {
         const struct tenant *t = NULL;
-        int ret = submit(f, c, r, sink, ud, out, err, &t);
+        int64_t n_prompt = 0;
+        int ret = submit(f, c, r, sink, ud, out, err, &t, &n_prompt);
 
         if (ret < 0)
-                audit_refusal(f, c, t, r, err);
+                audit_refusal(f, c, t, r, n_prompt, err);
         return ret;
 }
 
@@ -641,7 +645,8 @@ json_t *front_status(struct front *f)
                         (json_int_t)mi.kv_block_tokens));
         }
         o = json_pack("{s:s, s:s, s:f, s:o, s:{s:I, s:I, s:I}, s:{s:I, s:I, s:I}}", "version",
-                      MOED_VERSION, "state", f->state, "uptime_s", eng_now() - f->started,
+                      MOED_VERSION, "state", f->refusal && !f->draining ? "refusing" : f->state,
+                      "uptime_s", eng_now() - f->started,
                       "models", models, "queue", "waiting", (json_int_t)st.waiting, "running",
                       (json_int_t)st.running, "active_requests", (json_int_t)f->n_active,
                       "engine", "steps", (json_int_t)st.steps, "tokens_prefilled",

@@ -89,7 +89,8 @@ struct quota_book *front_quota(struct front *f);
 /* Draining: new requests get 503 / Unavailable. */
 void front_set_draining(struct front *f, bool on);
 bool front_draining(const struct front *f);
-/* State words for status: "loading", "serving", "draining". */
+/* State words for status: "loading", "serving", "draining" (status says
+ * "refusing" while a refusal is set). */
 void front_set_state(struct front *f, const char *state);
 
 /* The caller's tenant, or NULL with err set (401 for an unknown bearer
