@@ -527,6 +527,11 @@ static int on_sigterm(sd_event_source *s, const struct signalfd_siginfo *si, voi
         front_set_draining(d->f, true);
         if (d->http)
                 http_door_stop_accepting(d->http);
+        /* Our own socket goes now, so new clients are refused at once
+         * rather than left in the backlog; an activated one stays with
+         * systemd, which queues clients for the next start. */
+        if (!d->ls.activated)
+                listen_close(&d->ls);
         if (d->bus)
                 dbus_door_state_changed(d->bus);
         if (sd_event_add_time_relative(d->ev, &d->drain_src, CLOCK_MONOTONIC, 0, 0,

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include <microhttpd.h>
@@ -43,6 +44,13 @@ static const struct {
 struct http_conn {
         struct ipc_peer peer;
         int peer_err;
+        int fd;
+        /* A connection must bring a whole request header within the idle
+         * timeout of connecting or of its last answer; a client trickling a
+         * byte at a time would otherwise hold its slot for ever. */
+        bool in_request, cut;
+        uint64_t header_deadline;
+        struct http_conn *prev, *next;
 };
 
 enum phase {
@@ -83,6 +91,7 @@ struct http_door {
         struct MHD_Daemon *mhd;
         sd_event_source *io, *timer, *defer, *peer_timer;
         struct http_req *reqs;
+        struct http_conn *conns;
         bool quiesced;
 };
 
@@ -112,6 +121,15 @@ static void wipe_free(char *p, size_t n)
 }
 
 /* ---- scheduling MHD on the loop ---- */
+
+static uint64_t now_usec(struct http_door *h)
+{
+        uint64_t now = 0;
+
+        sd_event_now(h->ev, CLOCK_MONOTONIC, &now);
+        return now;
+}
+
 
 static void update_timer(struct http_door *h)
 {
@@ -480,6 +498,8 @@ static enum MHD_Result first_call(struct http_req *r, const char *method, const 
         const char *len;
         bool wrong;
 
+        if (r->conn)
+                r->conn->in_request = true;
         if (!r->conn || r->conn->peer_err)
                 return queue_simple_error(r, 403, "no_credentials",
                                           "the peer's credentials could not be read");
@@ -542,6 +562,10 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
         if (!r)
                 return;
         *con_cls = NULL;
+        if (r->conn) {
+                r->conn->in_request = false;
+                r->conn->header_deadline = now_usec(h) + h->c.idle_timeout_s * 1000000ull;
+        }
         if (r->fq)
                 front_abandon(r->fq);
         if (r->prev)
@@ -560,12 +584,20 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
 static void on_connection(void *cls, struct MHD_Connection *mc, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe)
 {
+        struct http_door *h = cls;
         struct http_conn *c = *socket_context;
         const union MHD_ConnectionInfo *ci;
 
         if (toe == MHD_CONNECTION_NOTIFY_CLOSED) {
-                if (c)
-                        peer_clear(&c->peer);
+                if (!c)
+                        return;
+                if (c->prev)
+                        c->prev->next = c->next;
+                else
+                        h->conns = c->next;
+                if (c->next)
+                        c->next->prev = c->prev;
+                peer_clear(&c->peer);
                 free(c);
                 *socket_context = NULL;
                 return;
@@ -573,8 +605,29 @@ static void on_connection(void *cls, struct MHD_Connection *mc, void **socket_co
         if (!(c = calloc(1, sizeof *c)))
                 return;
         ci = MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+        c->fd = ci ? ci->connect_fd : -1;
         c->peer_err = ci ? peer_from_fd(ci->connect_fd, &c->peer) : -EBADF;
+        c->header_deadline = now_usec(h) + h->c.idle_timeout_s * 1000000ull;
+        c->next = h->conns;
+        if (h->conns)
+                h->conns->prev = c;
+        h->conns = c;
         *socket_context = c;
+}
+
+/* Ends connections whose request header is overdue; libmicrohttpd sees
+ * the shutdown as the client leaving and closes them. */
+static void cut_slow_headers(struct http_door *h)
+{
+        uint64_t now = now_usec(h);
+
+        for (struct http_conn *c = h->conns; c; c = c->next) {
+                if (c->in_request || c->cut || c->fd < 0 || now < c->header_deadline)
+                        continue;
+                shutdown(c->fd, SHUT_RDWR);
+                c->cut = true;
+                sd_event_source_set_enabled(h->defer, SD_EVENT_ONESHOT);
+        }
 }
 
 /* A parked connection whose client hung up: cancel its request now rather
@@ -603,6 +656,7 @@ static int on_peer_timer(sd_event_source *s, uint64_t usec, void *ud)
                 r->phase = P_GONE;
                 resume(r);
         }
+        cut_slow_headers(h);
         sd_event_source_set_time_relative(s, PEER_CHECK_USEC);
         return 0;
 }
@@ -645,7 +699,10 @@ int http_door_new(sd_event *ev, struct front *f, const struct http_door_config *
         }
         di = MHD_get_daemon_info(h->mhd, MHD_DAEMON_INFO_EPOLL_FD);
         if (!di || (ret = sd_event_add_io(ev, &h->io, di->epoll_fd, EPOLLIN, on_io, h)) < 0 ||
-            (ret = sd_event_add_time(ev, &h->timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_timer,
+            /* Accuracy 1 us: libmicrohttpd often asks to run again at once
+             * (a body arriving in pieces); sd-event's default slack of 250 ms
+             * would make every such piece wait. */
+            (ret = sd_event_add_time(ev, &h->timer, CLOCK_MONOTONIC, UINT64_MAX, 1, on_timer,
                                      h)) < 0 ||
             (ret = sd_event_add_defer(ev, &h->defer, on_defer, h)) < 0 ||
             (ret = sd_event_add_time_relative(ev, &h->peer_timer, CLOCK_MONOTONIC,
