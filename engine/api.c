@@ -23,6 +23,7 @@
 
 #define KV_BLOCK_TOKENS 32
 #define AUTO_KV_CAP (2ull << 30)
+#define INTERACTIVE_WINDOW_S 10.0
 
 const double eng_step_hist_bounds[12] = {
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 1e300,
@@ -96,6 +97,7 @@ struct eng {
         struct tenant_vt *vt;
         size_t n_vt, cap_vt;
         int n_decode;            /* the step's first n_decode entries decode */
+        double last_interactive; /* when an interactive request last came */
 };
 
 enum req_state { REQ_NEW, REQ_WAITING, REQ_RUNNING, REQ_DONE };
@@ -522,10 +524,24 @@ static int out_append_locked(struct eng_req *r, const char *s, size_t n)
 
 /* ---- the engine thread ---- */
 
+/* Where a tenant arriving or coming back from idle starts: the counter of
+ * the least-served backlogged tenant or, with none backlogged, the highest
+ * counter of all, so that neither idle time nor arriving late banks
+ * credit (VTC's counter lift). */
+static double vt_floor(const struct eng *g)
+{
+        double lo = -1, hi = 0;
+
+        for (size_t i = 0; i < g->n_vt; i++) {
+                if (g->vt[i].backlog > 0 && (lo < 0 || g->vt[i].served < lo))
+                        lo = g->vt[i].served;
+                hi = MO_MAX(hi, g->vt[i].served);
+        }
+        return lo >= 0 ? lo : hi;
+}
+
 static struct tenant_vt *vt_get(struct eng *g, uint32_t tenant)
 {
-        double floor = -1;
-
         for (size_t i = 0; i < g->n_vt; i++)
                 if (g->vt[i].tenant == tenant)
                         return &g->vt[i];
@@ -537,29 +553,19 @@ static struct tenant_vt *vt_get(struct eng *g, uint32_t tenant)
                 g->vt = v;
                 g->cap_vt = cap;
         }
-        for (size_t i = 0; i < g->n_vt; i++)
-                if (g->vt[i].backlog > 0 && (floor < 0 || g->vt[i].served < floor))
-                        floor = g->vt[i].served;
-        g->vt[g->n_vt] = (struct tenant_vt){ .tenant = tenant, .served = MO_MAX(floor, 0) };
+        g->vt[g->n_vt] = (struct tenant_vt){ .tenant = tenant, .served = vt_floor(g) };
         return &g->vt[g->n_vt++];
 }
 
-/* A tenant coming back from idle starts at the least-served backlogged
- * tenant's counter: idle time banks no credit (VTC's counter lift). */
+/* A tenant coming back from idle is lifted to vt_floor. */
 static void vt_backlog(struct eng *g, uint32_t tenant, int delta)
 {
         struct tenant_vt *v = vt_get(g, tenant);
-        double floor = -1;
 
         if (!v)
                 return;
-        if (delta > 0 && v->backlog == 0) {
-                for (size_t i = 0; i < g->n_vt; i++)
-                        if (g->vt[i].backlog > 0 && (floor < 0 || g->vt[i].served < floor))
-                                floor = g->vt[i].served;
-                if (floor > v->served)
-                        v->served = floor;
-        }
+        if (delta > 0 && v->backlog == 0)
+                v->served = MO_MAX(v->served, vt_floor(g));
         v->backlog += delta;
 }
 
@@ -677,6 +683,8 @@ static void intake_locked(struct eng *g)
                 r->state = REQ_WAITING;
                 list_add_tail(&g->waiting, &r->node);
                 vt_backlog(g, r->tenant, 1);
+                if (r->interactive)
+                        g->last_interactive = eng_now();
         }
         pthread_mutex_lock(&g->lock);
 }
@@ -873,6 +881,41 @@ static bool over_kv_share(struct eng *g, int model, const struct eng_req *r)
                r->kv_share * (double)kc->n_blocks;
 }
 
+/* Before running sequence r takes another block: if that would take its
+ * tenant over its KV share, a younger sequence of the tenant gives its
+ * blocks back (recomputed when it resumes) -- r itself when it is the
+ * youngest, which the caller then preempts (returns true). A tenant's
+ * only sequence always may grow, as over_kv_share lets it start. Sequences
+ * among the step's first n keep their blocks. */
+static bool kv_share_trim(struct eng *g, int model, struct eng_req *r, int n)
+{
+        const struct kv_config *kc = kv_get_config(g->models[model].kv);
+        struct link *lists[] = { &g->waiting, &g->running };
+        int64_t need = kv_blocks_for_tokens(kc, r->n_tokens) - r->kv.n_blocks;
+
+        if (r->kv_share >= 1 || need <= 0)
+                return false;
+        while ((double)(tenant_blocks(g, model, r->tenant) + need) >
+               r->kv_share * (double)kc->n_blocks) {
+                struct eng_req *victim = NULL;
+                for (size_t k = 0; k < 2 && !victim; k++)
+                        for (struct link *l = lists[k]->prev; l != lists[k]; l = l->prev) {
+                                struct eng_req *o = req_of(l);
+                                if (o->model == model && o->tenant == r->tenant &&
+                                    o->kv.n_blocks > 0 && !in_batch(g, n, o)) {
+                                        victim = o;
+                                        break;
+                                }
+                        }
+                if (!victim || tenant_blocks(g, model, r->tenant) == r->kv.n_blocks)
+                        return false;
+                if (victim == r)
+                        return true;
+                preempt(g, model, victim);
+        }
+        return false;
+}
+
 /* The waiting sequence to prefill next: the least-served tenant first
  * (weighted virtual tokens, the VTC rule), interactive before batch on a
  * tie, oldest first among equals. Prefills under way always qualify; new
@@ -880,13 +923,19 @@ static bool over_kv_share(struct eng *g, int model, const struct eng_req *r)
  * KV share. */
 static struct eng_req *next_waiting(struct eng *g, int model)
 {
-        bool room = admitted(g, model) < g->c.max_running;
+        int64_t in = admitted(g, model);
+        /* While interactive tenants are about, batch tenants leave them an
+         * eighth of the batch, so an interactive prompt finds a place at
+         * once instead of waiting for a batch answer to end. */
+        int64_t reserve = eng_now() - g->last_interactive < INTERACTIVE_WINDOW_S ?
+                          g->c.max_running / 8 : 0;
         struct eng_req *best = NULL;
         double best_vt = 0;
 
         for (struct link *n = g->waiting.next; n != &g->waiting; n = n->next) {
                 struct eng_req *r = req_of(n);
                 bool started = r->kv.n_blocks > 0;
+                bool room = in < g->c.max_running - (r->interactive ? 0 : reserve);
                 double vt;
                 if (r->model != model || (!started && (!room || over_kv_share(g, model, r))))
                         continue;
@@ -898,6 +947,70 @@ static struct eng_req *next_waiting(struct eng *g, int model)
                 }
         }
         return best;
+}
+
+static bool batch_running(struct eng *g, int model)
+{
+        for (struct link *l = g->running.next; l != &g->running; l = l->next)
+                if (req_of(l)->model == model && !req_of(l)->interactive)
+                        return true;
+        return false;
+}
+
+/* The sequence to give up so that waiting r gets need blocks: the youngest
+ * of the most-served tenant that is served no less than r's and holds more
+ * of the cache than r's would with them (so two tenants do not take blocks
+ * back and forth), or NULL. */
+static struct eng_req *room_victim(struct eng *g, int model, const struct eng_req *r,
+                                   int64_t need)
+{
+        struct link *lists[] = { &g->waiting, &g->running };
+        int64_t mine = tenant_blocks(g, model, r->tenant) + need;
+        double vt_r = vt_served(g, r->tenant);
+        struct eng_req *victim = NULL;
+
+        for (size_t k = 0; k < 2; k++)
+                for (struct link *l = lists[k]->prev; l != lists[k]; l = l->prev) {
+                        struct eng_req *o = req_of(l);
+                        double vt = vt_served(g, o->tenant);
+                        if (o->model != model || o->tenant == r->tenant ||
+                            o->kv.n_blocks == 0 || vt < vt_r ||
+                            (victim && vt <= vt_served(g, victim->tenant)) ||
+                            tenant_blocks(g, model, o->tenant) <= mine)
+                                continue;
+                        victim = o;
+                }
+        return victim;
+}
+
+/* Under KV pressure, the waiting sequence that goes next (the least-served
+ * tenant's, next_waiting) takes its blocks from a more-served tenant's
+ * sequences rather than waiting for them to finish. Runs before the step
+ * is built, when no sequence is in it yet. */
+static void make_room(struct eng *g, int model)
+{
+        struct kv_cache *kv = g->models[model].kv;
+        struct eng_req *r = next_waiting(g, model), *victim;
+        int64_t need;
+
+        if (!r || r->kv.n_blocks > 0)
+                return;
+        need = kv_blocks_for_tokens(kv_get_config(kv), r->n_tokens);
+        while (kv_free_blocks(kv) < need && (victim = room_victim(g, model, r, need)))
+                preempt(g, model, victim);
+        /* Its blocks now, before the step's decodes can take them. */
+        if (kv_free_blocks(kv) >= need)
+                kv_seq_reserve(kv, &r->kv, r->n_tokens);
+}
+
+/* Is an interactive tenant's prompt next in line? Then the step is theirs
+ * alone: batch tenants' decodes and prefills sit out one step, so the
+ * interactive answer's first token does not wait behind a full batch. */
+static bool interactive_next(struct eng *g, int model)
+{
+        struct eng_req *r = next_waiting(g, model);
+
+        return r && r->interactive && !list_empty(&g->running) && batch_running(g, model);
 }
 
 /* A waiting sequence of the model holding the blocks of its whole
@@ -918,22 +1031,38 @@ static struct eng_req *prefill_holder(struct eng *g, int model)
 static int build_step(struct eng *g, int model)
 {
         struct eng_model *em = &g->models[model];
-        int64_t budget = g->c.step_tokens;
+        int64_t budget = g->c.step_tokens, batch_budget;
+        bool urgent;
         int n = 0;
 
+        make_room(g, model);
+        urgent = interactive_next(g, model);
+        /* Short steps while interactive tenants are about: a batch prompt
+         * is prefilled in smaller chunks, so an interactive request never
+         * waits long for the step in flight to end. */
+        batch_budget = eng_now() - g->last_interactive < INTERACTIVE_WINDOW_S ?
+                       MO_MAX(budget / 8, 1) : budget;
         for (struct link *l = g->running.next, *next; l != &g->running; l = next) {
                 struct eng_req *r = req_of(l);
                 next = l->next;
-                if (r->model != model || n >= g->c.max_running || budget <= 0)
+                if (r->model != model || n >= g->c.max_running || budget <= 0 ||
+                    (urgent && !r->interactive))
                         continue;
+                if (kv_share_trim(g, model, r, n)) {
+                        next = l->next;
+                        preempt(g, model, r);
+                        continue;
+                }
                 while (kv_seq_reserve(em->kv, &r->kv, r->n_tokens) == -ENOSPC)
                         if (!preempt_one(g, model, r, n))
                                 break;
                 next = l->next; /* preemption may have moved the next one */
                 if (r->kv.n_blocks * KV_BLOCK_TOKENS < r->n_tokens) {
-                        /* The sequences already in this step hold the rest of
-                         * the cache: r waits for them. Alone, it cannot fit. */
-                        if (n > 0)
+                        /* The sequences already in this step, or less-served
+                         * tenants' ones, hold the rest of the cache: r waits
+                         * for them. Only what cannot fit alone fails. */
+                        if (kv_blocks_for_tokens(kv_get_config(em->kv), r->n_tokens) <=
+                            kv_used_blocks(em->kv) + kv_free_blocks(em->kv))
                                 preempt(g, model, r);
                         else
                                 finish(g, r, ENG_FINISH_ERROR, "the KV cache is too small");
@@ -953,7 +1082,7 @@ static int build_step(struct eng *g, int model)
                 struct eng_req *r = next_waiting(g, model);
                 int64_t chunk;
                 bool dup = false;
-                if (!r)
+                if (!r || (urgent && !r->interactive))
                         break;
                 for (int i = 0; i < n; i++)
                         dup |= g->batch_req[i] == r;
@@ -978,7 +1107,12 @@ static int build_step(struct eng *g, int model)
                         if (dup)
                                 break;
                 }
-                chunk = MO_MIN(r->n_tokens - r->kv.n_tokens, budget);
+                chunk = MO_MIN(r->n_tokens - r->kv.n_tokens,
+                               r->interactive ? budget : MO_MIN(budget, batch_budget));
+                if (chunk <= 0)
+                        break;
+                if (!r->interactive)
+                        batch_budget -= chunk;
                 if (!r->t_sched)
                         r->t_sched = eng_now();
                 g->batch_req[n] = r;

@@ -1455,6 +1455,640 @@ static void test_tokenize_and_chat(void **state)
         eng_free(g);
 }
 
+/* ---- 11. fair sharing between tenants ---- */
+
+/* Every request of these tests is submitted before the engine starts, so it
+ * takes them all at its first step and what it schedules does not depend on
+ * the main loop's timing. Service is counted in tokens (prompt and
+ * completion) at an event of the run (a request's finish or admission),
+ * from the engine's own timestamps of every request (usage, on the
+ * eng_now clock); only a request under way at that moment is apportioned,
+ * linearly over its prefill or its decoding. */
+
+/* One tenant's workload: n requests of one size. */
+struct fload {
+        uint32_t tenant;
+        double weight, kv_share;
+        bool interactive;
+        size_t prompt;
+        int64_t max_tokens;
+        int n;
+};
+
+/* One request and its life on the engine's clock. */
+struct freq {
+        struct col c;            /* first: on_update's user pointer */
+        const struct fload *l;
+        double t_submit, err;    /* eng_submit's stamp lies within t_submit +- err */
+        double sched, first, fin;
+};
+
+struct frun {
+        struct eng *g;
+        struct freq *q;
+        size_t n, cap;
+        int seed;
+};
+
+/* An engine over the tiny model, not started yet: requests queue up. */
+static void fair_open(struct frun *fr, struct eng_config c, size_t cap)
+{
+        struct moerr e = { { 0 } };
+
+        memset(fr, 0, sizeof *fr);
+        if (!c.threads)
+                c.threads = THREADS;
+        if (!(c.heartbeat_s > 0))
+                c.heartbeat_s = 0.05;
+        if (eng_new(&c, &fr->g, &e) < 0)
+                fail_msg("eng_new: %s", e.msg);
+        if (eng_add_model(fr->g, "tiny", model_a(), NULL, NULL, &e) < 0)
+                fail_msg("eng_add_model: %s", e.msg);
+        /* Never reallocated: the engine holds pointers to the cols. */
+        fr->q = calloc(cap, sizeof *fr->q);
+        assert_non_null(fr->q);
+        fr->cap = cap;
+}
+
+static void fair_start(struct frun *fr)
+{
+        struct moerr e = { { 0 } };
+
+        if (eng_start(fr->g, &e) < 0)
+                fail_msg("eng_start: %s", e.msg);
+}
+
+static void fair_close(struct frun *fr)
+{
+        for (size_t i = 0; i < fr->n; i++)
+                col_free(&fr->q[i].c);
+        free(fr->q);
+        eng_free(fr->g);
+}
+
+static struct freq *fair_submit(struct frun *fr, const struct fload *l)
+{
+        struct spec s = { .max_tokens = l->max_tokens, .ignore_eos = true,
+                          .tenant = l->tenant };
+        struct moerr e = { { 0 } };
+        int32_t *ids = synth_prompt(l->prompt, fr->seed++);
+        struct freq *q;
+        struct eng_params p;
+        double t0;
+        int r;
+
+        assert_true(fr->n < fr->cap);
+        q = &fr->q[fr->n++];
+        q->l = l;
+        col_init(&q->c);
+        q->c.g = fr->g;
+        q->c.n_prompt = (int64_t)l->prompt;
+        p = params_of(&s, ids, l->prompt, &q->c);
+        p.weight = l->weight;
+        p.kv_share = l->kv_share;
+        p.interactive = l->interactive;
+        t0 = eng_now();
+        r = eng_submit(fr->g, &p, &q->c.req, &e);
+        q->err = (eng_now() - t0) / 2;
+        q->t_submit = t0 + q->err;
+        free(ids);
+        if (r < 0)
+                fail_msg("eng_submit (tenant %u): %s (%d)", l->tenant, e.msg, r);
+        return q;
+}
+
+/* The workloads' requests, tenant after tenant, or round robin. */
+static void fair_submit_all(struct frun *fr, const struct fload *l, size_t n, bool interleave)
+{
+        int most = 0;
+
+        for (size_t t = 0; t < n; t++)
+                most = MO_MAX(most, l[t].n);
+        if (!interleave) {
+                for (size_t t = 0; t < n; t++)
+                        for (int i = 0; i < l[t].n; i++)
+                                fair_submit(fr, &l[t]);
+                return;
+        }
+        for (int i = 0; i < most; i++)
+                for (size_t t = 0; t < n; t++)
+                        if (i < l[t].n)
+                                fair_submit(fr, &l[t]);
+}
+
+/* Runs every request from index from on to its end; each must get its
+ * whole answer. */
+static void fair_drive(struct frun *fr, size_t from)
+{
+        size_t n = fr->n - from;
+        struct col **cs = calloc(n ? n : 1, sizeof *cs);
+
+        assert_non_null(cs);
+        for (size_t i = 0; i < n; i++)
+                cs[i] = &fr->q[from + i].c;
+        drive(fr->g, cs, n);
+        free(cs);
+        for (size_t i = from; i < fr->n; i++) {
+                struct freq *q = &fr->q[i];
+                expect_final(&q->c, "fair share");
+                if (q->c.finish != ENG_FINISH_LENGTH ||
+                    q->c.usage.completion_tokens != q->l->max_tokens)
+                        fail_msg("tenant %u: finished %s (%s) after %lld of %lld tokens",
+                                 q->l->tenant, eng_finish_name(q->c.finish), q->c.why,
+                                 (long long)q->c.usage.completion_tokens,
+                                 (long long)q->l->max_tokens);
+                q->sched = q->t_submit + q->c.usage.queue_s;
+                q->first = q->t_submit + q->c.usage.first_token_s;
+                q->fin = q->t_submit + q->c.usage.total_s;
+        }
+}
+
+/* Tokens of q processed by time t (prefill, then one token per step). */
+static double fair_tokens(const struct freq *q, double t)
+{
+        double p = (double)q->l->prompt, m = (double)q->l->max_tokens;
+
+        if (t >= q->fin)
+                return p + m;
+        if (t <= q->sched)
+                return 0;
+        if (t < q->first)
+                return p * (t - q->sched) / MO_MAX(q->first - q->sched, 1e-9);
+        return p + 1 + (m - 1) * (t - q->first) / MO_MAX(q->fin - q->first, 1e-9);
+}
+
+/* A tenant's service by time t, over requests from index from on, in
+ * tokens divided by its weight. */
+static double fair_service(const struct frun *fr, size_t from, uint32_t tenant, double t)
+{
+        double s = 0, w = 1;
+
+        for (size_t i = from; i < fr->n; i++)
+                if (fr->q[i].l->tenant == tenant) {
+                        s += fair_tokens(&fr->q[i], t);
+                        w = fr->q[i].l->weight;
+                }
+        return s / w;
+}
+
+/* The latest admission (sched) or finish of a tenant's requests. */
+static double fair_last(const struct frun *fr, size_t from, uint32_t tenant, bool fin)
+{
+        double t = -1;
+
+        for (size_t i = from; i < fr->n; i++)
+                if (fr->q[i].l->tenant == tenant)
+                        t = MO_MAX(t, fin ? fr->q[i].fin : fr->q[i].sched);
+        return t;
+}
+
+static double jain(const double *x, size_t n)
+{
+        double s = 0, s2 = 0;
+
+        for (size_t i = 0; i < n; i++) {
+                s += x[i];
+                s2 += x[i] * x[i];
+        }
+        return s2 > 0 ? s * s / ((double)n * s2) : 0;
+}
+
+/* Two tenants of weights 1 and 3 flood the engine with equal requests:
+ * when the weight-3 one has had all of its requests served (the other
+ * still waiting), the tokens served split 1:3 within 10%. The light
+ * tenant's requests come first, so arrival order alone would favour it;
+ * should it run out of requests first, the split is taken then. */
+static void test_fair_weights(void **state)
+{
+        const struct fload l[2] = {
+                { .tenant = 1, .weight = 1, .prompt = 8, .max_tokens = 8, .n = 45 },
+                { .tenant = 2, .weight = 3, .prompt = 8, .max_tokens = 8, .n = 96 },
+        };
+        struct frun fr;
+        double t, s1, s2, dev;
+
+        (void)state;
+        fair_open(&fr, (struct eng_config){ .max_running = 4, .step_tokens = 64 }, 141);
+        fair_submit_all(&fr, l, 2, false);
+        fair_start(&fr);
+        fair_drive(&fr, 0);
+        t = MO_MIN(fair_last(&fr, 0, 2, true), fair_last(&fr, 0, 1, false));
+        /* Service is tokens / weight: equal service is the 1:3 split. */
+        s1 = fair_service(&fr, 0, 1, t);
+        s2 = fair_service(&fr, 0, 2, t);
+        dev = s2 / s1 - 1;
+        print_message("weights 1:3: %.0f and %.0f tokens served, 1:%.2f (%+.1f%%)\n", s1,
+                      s2 * 3, s2 * 3 / s1, dev * 100);
+        if (fabs(dev) > 0.10)
+                fail_msg("weights 1:3: tokens served split 1:%.2f (%.0f and %.0f tokens), "
+                         "more than 10%% off", s2 * 3 / s1, s1, s2 * 3);
+        fair_close(&fr);
+}
+
+/* Four tenants of equal weight with requests of different sizes: while all
+ * of them still have requests waiting, Jain's index of their service is at
+ * least 0.95. */
+static void test_fair_sizes(void **state)
+{
+        const struct fload l[4] = {
+                { .tenant = 1, .weight = 1, .prompt = 4, .max_tokens = 12, .n = 48 },
+                { .tenant = 2, .weight = 1, .prompt = 24, .max_tokens = 8, .n = 24 },
+                { .tenant = 3, .weight = 1, .prompt = 8, .max_tokens = 40, .n = 16 },
+                { .tenant = 4, .weight = 1, .prompt = 40, .max_tokens = 24, .n = 12 },
+        };
+        struct frun fr;
+        double t = 1e300, x[4], j;
+
+        (void)state;
+        fair_open(&fr, (struct eng_config){ .max_running = 4, .step_tokens = 64 }, 100);
+        fair_submit_all(&fr, l, 4, true);
+        fair_start(&fr);
+        fair_drive(&fr, 0);
+        /* The first moment a tenant has nothing left waiting. */
+        for (uint32_t k = 1; k <= 4; k++)
+                t = MO_MIN(t, fair_last(&fr, 0, k, false));
+        for (uint32_t k = 1; k <= 4; k++)
+                x[k - 1] = fair_service(&fr, 0, k, t);
+        j = jain(x, 4);
+        print_message("sizes 16/32/48/64 tokens: served %.0f %.0f %.0f %.0f, Jain %.3f\n",
+                      x[0], x[1], x[2], x[3], j);
+        if (j < 0.95)
+                fail_msg("four equal tenants served %.0f, %.0f, %.0f and %.0f tokens: "
+                         "Jain's index %.3f < 0.95", x[0], x[1], x[2], x[3], j);
+        fair_close(&fr);
+}
+
+/* A tenant that was idle banks no credit: tenant 1 has the engine to
+ * itself for a while, then tenant 2 arrives (first) and both flood it; the
+ * newcomer does not get the engine to itself until it has caught up with
+ * the other's past service. These requests arrive at a running engine, so
+ * the first step or two may see only some of them. */
+static void test_fair_idle_credit(void **state)
+{
+        const struct fload solo = { .tenant = 1, .weight = 1, .prompt = 8, .max_tokens = 24,
+                                    .n = 16 };
+        const struct fload l[2] = {
+                { .tenant = 2, .weight = 1, .prompt = 8, .max_tokens = 24, .n = 24 },
+                { .tenant = 1, .weight = 1, .prompt = 8, .max_tokens = 24, .n = 24 },
+        };
+        struct frun fr;
+        double t, s1, s2;
+        size_t from;
+
+        (void)state;
+        fair_open(&fr, (struct eng_config){ .max_running = 4, .step_tokens = 64 }, 70);
+        fair_submit_all(&fr, &solo, 1, false);
+        fair_start(&fr);
+        fair_drive(&fr, 0);
+        wait_idle(fr.g);
+        from = fr.n;
+        fair_submit_all(&fr, l, 2, true);
+        fair_drive(&fr, from);
+        t = MO_MIN(fair_last(&fr, from, 1, false), fair_last(&fr, from, 2, false));
+        s1 = fair_service(&fr, from, 1, t);
+        s2 = fair_service(&fr, from, 2, t);
+        print_message("after idle: tenant 1 served %.0f, the newcomer %.0f tokens (%.0f%%)\n",
+                      s1, s2, 100 * s2 / (s1 + s2));
+        if (s2 > 0.6 * (s1 + s2))
+                fail_msg("a newcomer after another tenant's solo run took %.0f%% of the "
+                         "engine (%.0f tokens to %.0f) while both were backlogged",
+                         100 * s2 / (s1 + s2), s2, s1);
+        fair_close(&fr);
+}
+
+/* On a tie of the counters an interactive tenant goes first, and only on
+ * a tie: with one sequence at a time and equal requests, the batch
+ * tenant's requests (queued first) alternate with the interactive one's,
+ * which begins. */
+static void test_fair_interactive_ties(void **state)
+{
+        const struct fload l[2] = {
+                { .tenant = 7, .weight = 1, .prompt = 8, .max_tokens = 8, .n = 4 },
+                { .tenant = 8, .weight = 1, .prompt = 8, .max_tokens = 8, .n = 4,
+                  .interactive = true },
+        };
+        struct frun fr;
+        struct freq *order[8];
+
+        (void)state;
+        fair_open(&fr, (struct eng_config){ .max_running = 1 }, 8);
+        fair_submit_all(&fr, l, 2, false);
+        fair_start(&fr);
+        fair_drive(&fr, 0);
+        for (size_t i = 0; i < 8; i++)
+                order[i] = &fr.q[i];
+        /* One at a time: admissions are a whole request apart. */
+        for (size_t i = 1; i < 8; i++)
+                for (size_t k = i; k > 0 && order[k]->sched < order[k - 1]->sched; k--) {
+                        struct freq *x = order[k];
+                        order[k] = order[k - 1];
+                        order[k - 1] = x;
+                }
+        for (size_t i = 0; i < 8; i++) {
+                bool want_interactive = i % 2 == 0;
+                if (order[i]->l->interactive != want_interactive)
+                        fail_msg("admission %zu went to the %s tenant: want the two "
+                                 "alternating, the interactive one first", i,
+                                 order[i]->l->interactive ? "interactive" : "batch");
+                if (i > 0 && order[i]->sched + order[i]->err <
+                                     order[i - 1]->fin - order[i - 1]->err)
+                        fail_msg("max_running 1, yet admission %zu came before the "
+                                 "previous request finished", i);
+        }
+        fair_close(&fr);
+}
+
+/* Blocks held by a tenant at time t, at least (a sequence holds its
+ * prompt's blocks from its first chunk and one more token per step). */
+static int64_t fair_blocks_lo(const struct frun *fr, uint32_t tenant, double t)
+{
+        int64_t n = 0;
+
+        for (size_t i = 0; i < fr->n; i++) {
+                const struct freq *q = &fr->q[i];
+                double tok;
+                if (q->l->tenant != tenant || t <= q->sched + q->err || t >= q->fin - q->err)
+                        continue;
+                tok = t >= q->first ? fair_tokens(q, t) - 2 : (double)q->l->prompt;
+                tok = MO_MAX(tok, (double)q->l->prompt);
+                n += (int64_t)ceil(tok / 32);
+        }
+        return n;
+}
+
+/* Whether any request of tenant waits at t (not admitted yet), surely. */
+static bool fair_waits(const struct frun *fr, uint32_t tenant, double t)
+{
+        for (size_t i = 0; i < fr->n; i++)
+                if (fr->q[i].l->tenant == tenant && t < fr->q[i].sched - fr->q[i].err)
+                        return true;
+        return false;
+}
+
+/* The most blocks tenant held at the moments between the run's events
+ * when other waited, or -1 if other never waited. */
+static int64_t fair_peak_blocks(const struct frun *fr, uint32_t tenant, uint32_t other)
+{
+        int64_t peak = -1;
+
+        for (size_t i = 0; i < fr->n; i++) {
+                const double ev[3] = { fr->q[i].sched, fr->q[i].first, fr->q[i].fin };
+                for (int k = 0; k < 3; k++)
+                        for (int side = -1; side <= 1; side += 2) {
+                                double t = ev[k] + side * (fr->q[i].err + 1e-4);
+                                if (fair_waits(fr, other, t))
+                                        peak = MO_MAX(peak, fair_blocks_lo(fr, tenant, t));
+                        }
+        }
+        return peak;
+}
+
+/* The cache in use, sampled every millisecond or so while fair_drive's
+ * requests run: (time, blocks) with the time bracketing the reading. */
+struct ksample {
+        double t0, t1;
+        int64_t used;
+};
+
+static size_t fair_drive_sampled(struct frun *fr, struct ksample **out)
+{
+        size_t n = 0, cap = 1024;
+        struct ksample *ks = malloc(cap * sizeof *ks);
+        double end = eng_now() + WAIT_S;
+
+        assert_non_null(ks);
+        for (;;) {
+                struct pollfd pfd = { .fd = eng_event_fd(fr->g), .events = POLLIN };
+                struct eng_model_info mi;
+                bool done = true;
+                for (size_t i = 0; i < fr->n; i++)
+                        done &= col_done(&fr->q[i].c, 0);
+                if (done)
+                        break;
+                if (eng_now() > end)
+                        fail_msg("no final update after %.0f s", WAIT_S);
+                if (poll(&pfd, 1, 1) > 0)
+                        eng_dispatch(fr->g, on_update, NULL);
+                if (n == cap) {
+                        cap *= 2;
+                        ks = realloc(ks, cap * sizeof *ks);
+                        assert_non_null(ks);
+                }
+                ks[n].t0 = eng_now();
+                eng_model_get(fr->g, 0, &mi);
+                ks[n].t1 = eng_now();
+                ks[n++].used = mi.kv_blocks_used;
+        }
+        fair_drive(fr, 0); /* all final: checks them and takes their times */
+        *out = ks;
+        return n;
+}
+
+/* KVShare: a tenant capped at a quarter of the cache holds no more than
+ * that (and at most one sequence beyond it) while another tenant waits,
+ * neither when its sequences start nor as their answers grow. */
+static void test_fair_kv_share(void **state)
+{
+        /* 512 tokens of context: the smallest cache, 16 blocks of 32. */
+        struct eng_config c = { .kv_bytes = 1, .max_context = 512, .max_running = 8,
+                                .step_tokens = 128 };
+        /* Prompts of 2 blocks whose answers stay in them. */
+        const struct fload flat[2] = {
+                { .tenant = 1, .weight = 1, .kv_share = 0.25, .prompt = 40, .max_tokens = 16,
+                  .n = 12 },
+                { .tenant = 2, .weight = 1, .prompt = 40, .max_tokens = 16, .n = 12 },
+        };
+        /* Prompts of one block whose answers grow to four; the other tenant
+         * needs 14 blocks at once. */
+        const struct fload grow[2] = {
+                { .tenant = 1, .weight = 1, .kv_share = 0.25, .prompt = 20, .max_tokens = 100,
+                  .n = 6 },
+                { .tenant = 2, .weight = 1, .prompt = 430, .max_tokens = 8, .n = 1 },
+        };
+        const int64_t cap = 4, one = 4; /* 25% of 16 blocks; a grown sequence */
+        struct eng_model_info mi;
+        struct eng_stats st;
+        struct ksample *ks;
+        struct frun fr;
+        int64_t peak;
+        size_t n, seen = 0;
+
+        (void)state;
+        fair_open(&fr, c, 24);
+        eng_model_get(fr.g, 0, &mi);
+        assert_int_equal(mi.kv_blocks_total, 16);
+        fair_submit_all(&fr, flat, 2, false);
+        fair_start(&fr);
+        fair_drive(&fr, 0);
+        /* Nothing grows past its prompt's blocks: nothing is preempted, and
+         * every sequence holds its blocks from admission to finish. */
+        wait_idle(fr.g);
+        eng_get_stats(fr.g, &st);
+        assert_int_equal(st.preemptions, 0);
+        peak = fair_peak_blocks(&fr, 1, 2);
+        print_message("KVShare 25%% of 16 blocks, flat sequences: held at most %lld blocks "
+                      "while the other tenant waited\n", (long long)peak);
+        if (peak < 0)
+                fail_msg("the other tenant never waited: the test did not press the share");
+        if (peak > cap)
+                fail_msg("a tenant with KVShare=25%% held %lld of 16 blocks while another "
+                         "waited (its sequences hold 2 blocks each)", (long long)peak);
+        eng_model_get(fr.g, 0, &mi);
+        assert_int_equal(mi.kv_blocks_used, 0);
+        fair_close(&fr);
+
+        /* Sequences growing (some may be preempted): until the other
+         * tenant's one request is admitted, every block in use is the
+         * capped tenant's, so the cache's own count is its holding. When
+         * the machine held up that request's eng_submit too long to place
+         * its admission, the run is repeated. */
+        for (int attempt = 0;; attempt++) {
+                fair_open(&fr, c, 8);
+                fair_submit_all(&fr, grow, 2, false);
+                fair_start(&fr);
+                n = fair_drive_sampled(&fr, &ks);
+                assert_int_equal(fr.q[6].l->tenant, 2);
+                peak = 0;
+                seen = 0;
+                for (size_t i = 0; i < n; i++)
+                        if (ks[i].t1 < fr.q[6].sched - fr.q[6].err) {
+                                peak = MO_MAX(peak, ks[i].used);
+                                seen++;
+                        }
+                free(ks);
+                print_message("KVShare 25%% of 16 blocks, growing sequences: held at most "
+                              "%lld blocks while the other tenant waited (%zu samples, "
+                              "submit +-%.1f ms)\n", (long long)peak, seen,
+                              fr.q[6].err * 1e3);
+                if (peak > cap + one)
+                        fail_msg("a tenant with KVShare=25%% held %lld of 16 blocks (its "
+                                 "share is %lld, a sequence grows to %lld) while another "
+                                 "waited", (long long)peak, (long long)cap, (long long)one);
+                fair_close(&fr);
+                if (seen >= 10)
+                        break;
+                if (attempt == 2)
+                        fail_msg("the other tenant's wait was never observed (%zu samples): "
+                                 "the test did not press the share", seen);
+        }
+}
+
+/* Under KV pressure the sequences given up are the most-served tenant's,
+ * never those of a tenant below it: one tenant's single request and
+ * another's two, each growing to three of the cache's four blocks. The
+ * light tenant's request decodes straight through and finishes first;
+ * every answer is the one it gets alone, none ends with an error. */
+static void test_fair_kv_preempt(void **state)
+{
+        struct eng_config c = { .kv_bytes = 1, .max_context = 128, .step_tokens = 64 };
+        const struct fload heavy = { .tenant = 1, .weight = 1, .prompt = 20, .max_tokens = 60,
+                                     .n = 2 };
+        const struct fload light = { .tenant = 2, .weight = 1, .prompt = 20, .max_tokens = 60,
+                                     .n = 1 };
+        struct col alone[3];
+        struct eng_stats st;
+        char what[96];
+
+        (void)state;
+        /* What each request (seeds 0, 1, 2) gives alone. */
+        {
+                struct frun fr;
+                const struct fload one = { .tenant = 9, .weight = 1, .prompt = 20,
+                                           .max_tokens = 60, .n = 1 };
+                fair_open(&fr, c, 3);
+                fair_start(&fr);
+                for (int i = 0; i < 3; i++) {
+                        fair_submit(&fr, &one);
+                        fair_drive(&fr, (size_t)i);
+                        alone[i] = fr.q[i].c;
+                        alone[i].released = true; /* the handle stays fr's */
+                        fr.q[i].c.text = NULL;    /* the text is alone's */
+                }
+                fair_close(&fr);
+        }
+        /* The light tenant's request first in the batch, then last. */
+        for (int light_first = 1; light_first >= 0; light_first--) {
+                struct frun fr;
+                struct freq *lq = NULL;
+                int seeds[3];
+                fair_open(&fr, c, 3);
+                for (int i = 0; i < 3; i++) {
+                        bool is_light = light_first ? i == 0 : i == 2;
+                        struct freq *q;
+                        seeds[i] = fr.seed;
+                        q = fair_submit(&fr, is_light ? &light : &heavy);
+                        if (is_light)
+                                lq = q;
+                }
+                fair_start(&fr);
+                fair_drive(&fr, 0);
+                for (int i = 0; i < 3; i++) {
+                        snprintf(what, sizeof what, "%s tenant's request, light one %s",
+                                 &fr.q[i] == lq ? "the light" : "the heavy",
+                                 light_first ? "first" : "last");
+                        expect_same(&fr.q[i].c, &alone[seeds[i]], what);
+                        if (&fr.q[i] != lq && fr.q[i].fin < lq->fin)
+                                fail_msg("%s: finished before the light tenant's, which "
+                                         "must never be preempted for it", what);
+                }
+                wait_idle(fr.g);
+                eng_get_stats(fr.g, &st);
+                print_message("KV pressure, light tenant %s: %lld preemptions\n",
+                              light_first ? "first" : "last", (long long)st.preemptions);
+                if (st.preemptions == 0)
+                        fail_msg("no preemption: the test did not press the cache");
+                fair_close(&fr);
+        }
+        for (int i = 0; i < 3; i++)
+                col_free(&alone[i]);
+}
+
+/* Under KV pressure a less-served tenant's new sequence does not wait for a
+ * more-served tenant's sequences to finish: they give their blocks back.
+ * The heavy tenant's four requests fill the cache at the first step; the
+ * light tenant's one is admitted at the next, long before any of them
+ * ends, and every request still gets its whole answer. */
+static void test_fair_kv_admission(void **state)
+{
+        /* 16 blocks of 32 tokens; a heavy request holds 4 all its life. */
+        struct eng_config c = { .kv_bytes = 1, .max_context = 512, .step_tokens = 512 };
+        const struct fload l[2] = {
+                { .tenant = 1, .weight = 1, .prompt = 100, .max_tokens = 20, .n = 4 },
+                { .tenant = 2, .weight = 1, .prompt = 40, .max_tokens = 10, .n = 1 },
+        };
+        struct eng_stats st;
+        struct freq *lq;
+        struct frun fr;
+        double first_end = 1e300, heavy_start = 0;
+
+        (void)state;
+        fair_open(&fr, c, 5);
+        fair_submit_all(&fr, l, 2, false);
+        fair_start(&fr);
+        fair_drive(&fr, 0);
+        lq = &fr.q[4];
+        assert_int_equal(lq->l->tenant, 2);
+        for (int i = 0; i < 4; i++) {
+                first_end = MO_MIN(first_end, fr.q[i].fin - fr.q[i].err);
+                heavy_start = MO_MAX(heavy_start, fr.q[i].sched + fr.q[i].err);
+        }
+        print_message("KV admission: the light request waited %.1f ms, the first heavy one "
+                      "ended after %.1f ms\n", lq->c.usage.queue_s * 1e3,
+                      (first_end - fr.q[0].t_submit) * 1e3);
+        /* The heavy ones filled the cache first: the light one came after. */
+        if (lq->sched - lq->err < heavy_start)
+                fail_msg("the light request started beside the heavy ones: the test did "
+                         "not fill the cache");
+        if (lq->sched + lq->err >= first_end)
+                fail_msg("the light tenant's request waited for the heavy tenant's to end "
+                         "(admitted %.1f ms after submit) instead of taking blocks from it",
+                         lq->c.usage.queue_s * 1e3);
+        wait_idle(fr.g);
+        eng_get_stats(fr.g, &st);
+        assert_true(st.preemptions >= 1);
+        fair_close(&fr);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -1478,6 +2112,13 @@ int main(void)
                 cmocka_unit_test(test_progress),
                 cmocka_unit_test(test_seeded_sampling),
                 cmocka_unit_test(test_tokenize_and_chat),
+                cmocka_unit_test(test_fair_weights),
+                cmocka_unit_test(test_fair_sizes),
+                cmocka_unit_test(test_fair_idle_credit),
+                cmocka_unit_test(test_fair_interactive_ties),
+                cmocka_unit_test(test_fair_kv_share),
+                cmocka_unit_test(test_fair_kv_preempt),
+                cmocka_unit_test(test_fair_kv_admission),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
