@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,7 +39,7 @@ struct sampler {
         int32_t *seen;
         int64_t seen_len, seen_cap, seen_head;
 
-        struct sampler_cand *cand; /* sized in sampler_new for the settings */
+        struct sampler_cand *cand; /* this thread's scratch, set by sampler_sample */
         double *block_sum;         /* per SAMPLER_BLOCK: sum of probabilities */
         float *block_max;          /* per SAMPLER_BLOCK: largest probability */
 };
@@ -138,13 +139,60 @@ static int64_t sampler_cand_needed(const struct sampler *s)
         return 0; /* plain temperature draws straight from the logits */
 }
 
+/* The candidate array can hold the whole vocabulary (1 MB for V3). A
+ * daemon keeps a sampler per request but samples on one thread, so the
+ * array is per thread, not per sampler: 64 requests do not cost 64 MB. */
+static pthread_key_t cand_key;
+static pthread_once_t cand_once = PTHREAD_ONCE_INIT;
+
+struct cand_scratch {
+        struct sampler_cand *p;
+        int64_t cap;
+};
+
+static void cand_scratch_free(void *v)
+{
+        struct cand_scratch *c = v;
+
+        if (c)
+                free(c->p);
+        free(c);
+}
+
+static void cand_key_make(void)
+{
+        pthread_key_create(&cand_key, cand_scratch_free);
+}
+
+/* This thread's candidate array of at least n entries, or NULL. */
+static struct sampler_cand *cand_scratch(int64_t n)
+{
+        struct cand_scratch *c;
+
+        pthread_once(&cand_once, cand_key_make);
+        c = pthread_getspecific(cand_key);
+        if (!c) {
+                if (!(c = calloc(1, sizeof *c)) || pthread_setspecific(cand_key, c) != 0) {
+                        free(c);
+                        return NULL;
+                }
+        }
+        if (c->cap < n) {
+                struct sampler_cand *p = realloc(c->p, (size_t)n * sizeof *p);
+                if (!p)
+                        return NULL;
+                c->p = p;
+                c->cap = n;
+        }
+        return c->p;
+}
+
 void sampler_free(struct sampler *s)
 {
         if (!s)
                 return;
         free(s->count);
         free(s->seen);
-        free(s->cand);
         free(s->block_sum);
         free(s->block_max);
         free(s);
@@ -180,11 +228,8 @@ struct sampler *sampler_new(const struct sampler_params *p, int64_t n_vocab)
         if (!s->block_sum || !s->block_max)
                 goto fail;
         n_cand = sampler_cand_needed(s);
-        if (n_cand > 0) {
-                s->cand = malloc((size_t)n_cand * sizeof *s->cand);
-                if (!s->cand)
-                        goto fail;
-        }
+        if (n_cand > 0 && !cand_scratch(n_cand))
+                goto fail;
         return s;
 fail:
         sampler_free(s);
@@ -704,6 +749,8 @@ int32_t sampler_sample(struct sampler *s, float *logits)
          * would otherwise make 0 * inf = NaN of the best logit). */
         if (!(1.0f / s->p.temperature <= FLT_MAX) || logits[best] == -INFINITY)
                 return (int32_t)best;
+        if (sampler_cand_needed(s) > 0 && !(s->cand = cand_scratch(sampler_cand_needed(s))))
+                return (int32_t)best; /* out of memory: greedy rather than nothing */
         if (sampler_top_k_on(s))
                 return sampler_sample_top_k(s, logits);
         if (s->p.top_p < 1.0f)

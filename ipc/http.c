@@ -21,6 +21,9 @@
 #include "ipc/peer.h"
 
 #define PEER_CHECK_USEC (200 * 1000)
+/* A stream whose client stops reading is ended past this much unsent
+ * output, rather than buffered without bound. */
+#define MAX_UNSENT (1u << 20)
 
 enum route {
         R_NONE, R_CHAT, R_COMPLETION, R_TOKENIZE, R_MODELS, R_STATUS, R_USAGE, R_HEALTH,
@@ -268,6 +271,8 @@ static void stream_event(struct http_req *r, char *sse)
                 /* Out of memory: end the stream rather than send a gap. */
                 if (r->fq)
                         front_cancel(r->fq, "out of memory");
+        } else if (r->out_len - r->out_off > MAX_UNSENT && r->fq) {
+                front_cancel(r->fq, "the client is not reading its stream");
         }
         wipe_free(sse, sse ? strlen(sse) : 0);
 }
@@ -359,6 +364,10 @@ static enum MHD_Result start_generation(struct http_req *r)
         caller_of(r, &c);
         if (front_submit(r->h->f, &c, r->req, &http_sink, r, &r->fq, &fe) < 0)
                 return queue_error(r, &fe);
+        /* While its request waits or streams, a connection is not idle:
+         * a parked one would otherwise be closed as timed out when it is
+         * resumed. Dead clients are found by the peer check instead. */
+        MHD_set_connection_option(r->mc, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
         snprintf(r->id, sizeof r->id, "%s", front_req_id(r->fq));
         r->created = front_req_created(r->fq);
         r->model = front_req_model(r->fq);
@@ -562,6 +571,9 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
         if (!r)
                 return;
         *con_cls = NULL;
+        if (r->fq || r->id[0])
+                MHD_set_connection_option(mc, MHD_CONNECTION_OPTION_TIMEOUT,
+                                          h->c.idle_timeout_s);
         if (r->conn) {
                 r->conn->in_request = false;
                 r->conn->header_deadline = now_usec(h) + h->c.idle_timeout_s * 1000000ull;
