@@ -11,6 +11,8 @@
 
 #include "common/cleanup.h"
 #include "engine/moe.h"
+#include "engine/placement.h"
+#include "kernels/collective.h"
 #include "kernels/quant.h"
 
 struct fwd_ctx {
@@ -50,9 +52,110 @@ struct fwd_ctx {
 
         /* decompressed reference: per layer W_UK [H][nope][Rkv], W_UV [H][v][Rkv] */
         float **wuk, **wuv;
+
+        /* experts sharded over virtual devices (fwd_set_devices), or NULL */
+        struct fwd_shard *sh;
 };
 
 #define OPS(f) ((f)->b->ops)
+
+/* ---- experts sharded over devices: the state ---- */
+
+/* Rows of n_embd floats in one device's memory, grown on demand. */
+struct dev_rows {
+        float *p;
+        int64_t cap;
+};
+
+/* One device of the sharded MoE and its buffers for the two all-to-alls. */
+struct fwd_dev {
+        mo_backend *b;
+        struct dev_rows send, recv; /* dispatch: token rows out, in */
+        struct dev_rows back, comb; /* combine: expert outputs out, in */
+};
+
+/* The batch is cut into n contiguous slices, device s "holding" slice s as
+ * data-parallel attention would leave it; a token's row goes once to each
+ * device owning one of its experts (not once per expert: with k experts a
+ * token often meets the same device twice), and every (token, expert)
+ * output comes back on its own, unweighted, so the slice's device can add
+ * them in the unsharded order (see shard_combine). */
+struct fwd_shard {
+        int n;
+        struct placement *place;
+        struct mo_coll *coll;
+        struct fwd_dev *dev;    /* n */
+        /* host plan of one layer, for up to max_tokens tokens */
+        int32_t *src;           /* [T] device whose slice holds token t */
+        uint64_t *mask;         /* [T] devices owning t's experts */
+        int32_t *slot;          /* [T][n] row of token t in device p's recv */
+        int32_t *disp_rows;     /* [T * min(K, n)] tokens in every device's send order */
+        int64_t *disp_n;        /* [n][n] token rows s -> p */
+        int64_t *back_n;        /* [n][n] expert output rows p -> s */
+        int64_t *cur;           /* [n][n] cursors into the buffers */
+};
+
+static void shard_free(struct fwd_shard *sh)
+{
+        if (!sh)
+                return;
+        for (int d = 0; sh->dev && d < sh->n; d++) {
+                struct dev_rows *r[] = { &sh->dev[d].send, &sh->dev[d].recv, &sh->dev[d].back,
+                                         &sh->dev[d].comb };
+                for (size_t i = 0; i < ARRAY_SIZE(r); i++)
+                        if (r[i]->p)
+                                sh->dev[d].b->ops->free(sh->dev[d].b, r[i]->p);
+        }
+        placement_free(sh->place);
+        mo_coll_free(sh->coll);
+        free(sh->dev);
+        free(sh->src);
+        free(sh->mask);
+        free(sh->slot);
+        free(sh->disp_rows);
+        free(sh->disp_n);
+        free(sh->back_n);
+        free(sh->cur);
+        free(sh);
+}
+
+/* Every virtual device computes on the context's backend; a device's
+ * scratch for one expert (xe, gate, up, ye) is the context's too, since the
+ * devices take turns. On GPUs each would have its own backend and scratch. */
+static int shard_new(struct fwd_ctx *f, int n, struct fwd_shard **out, struct moerr *e)
+{
+        const struct mo_hparams *hp = &f->m->hp;
+        int64_t T = f->max_tokens, K = MO_MAX(hp->n_expert_used, 1);
+        mo_backend *devs[MO_COLL_MAX_DEVICES];
+        struct fwd_shard *sh = calloc(1, sizeof *sh);
+        int r;
+
+        if (!sh)
+                return moerr_set(e, -ENOMEM, "out of memory");
+        sh->n = n;
+        sh->dev = calloc(n, sizeof *sh->dev);
+        sh->src = calloc(T, sizeof *sh->src);
+        sh->mask = calloc(T, sizeof *sh->mask);
+        sh->slot = calloc(T * n, sizeof *sh->slot);
+        sh->disp_rows = calloc(T * MO_MIN(K, n), sizeof *sh->disp_rows);
+        sh->disp_n = calloc(n * n, sizeof *sh->disp_n);
+        sh->back_n = calloc(n * n, sizeof *sh->back_n);
+        sh->cur = calloc(n * n, sizeof *sh->cur);
+        if (!sh->dev || !sh->src || !sh->mask || !sh->slot || !sh->disp_rows || !sh->disp_n ||
+            !sh->back_n || !sh->cur) {
+                shard_free(sh);
+                return moerr_set(e, -ENOMEM, "out of memory for %d devices", n);
+        }
+        for (int d = 0; d < n; d++)
+                devs[d] = sh->dev[d].b = f->b;
+        if ((r = placement_new((int)hp->n_layer, (int)hp->n_expert, n, &sh->place, e)) < 0 ||
+            (r = mo_coll_local_new(n, devs, &sh->coll, e)) < 0) {
+                shard_free(sh);
+                return r;
+        }
+        *out = sh;
+        return 0;
+}
 
 static float *dev_alloc(struct fwd_ctx *f, int64_t n_floats, bool *ok)
 {
@@ -152,12 +255,31 @@ void fwd_free(struct fwd_ctx *f)
         free(f->rows_e);
         free(f->w_e);
         free(f->route_scratch);
+        shard_free(f->sh);
         free(f);
 }
 
 void fwd_set_decompressed(struct fwd_ctx *f, bool on)
 {
         f->decompressed = on;
+}
+
+int fwd_set_devices(struct fwd_ctx *f, int n_devices, struct moerr *e)
+{
+        if (n_devices < 0 || n_devices > MO_COLL_MAX_DEVICES)
+                return moerr_set(e, -EINVAL, "%d devices: 0 to %d", n_devices, MO_COLL_MAX_DEVICES);
+        if (n_devices > 1 && f->m->hp.n_expert < 1)
+                return moerr_set(e, -EINVAL, "the model has no routed experts to shard");
+        shard_free(f->sh);
+        f->sh = NULL;
+        if (n_devices <= 1)
+                return 0;
+        return shard_new(f, n_devices, &f->sh, e);
+}
+
+struct placement *fwd_placement(struct fwd_ctx *f)
+{
+        return f->sh ? f->sh->place : NULL;
 }
 
 /* ---- blocks ---- */
@@ -350,10 +472,12 @@ static int mla_decompressed(struct fwd_ctx *f, struct kv_cache *kv, const struct
         return 0;
 }
 
-static void moe_ffn(struct fwd_ctx *f, const struct mo_layer *L, int64_t n)
+/* The router's choice for each of n tokens (exp_ids, exp_w), and the pairs
+ * grouped by expert (exp_start, exp_order). */
+static void moe_route_batch(struct fwd_ctx *f, const struct mo_layer *L, int64_t n)
 {
         const struct mo_hparams *hp = &f->m->hp;
-        int64_t E = hp->n_embd, X = hp->n_expert, K = hp->n_expert_used, Fe = hp->n_ff_exp;
+        int64_t E = hp->n_embd, X = hp->n_expert, K = hp->n_expert_used;
         struct moe_router router = f->m->router_proto;
 
         matmul(f, &L->ffn_gate_inp, f->h, E, f->router, X, n);
@@ -363,8 +487,28 @@ static void moe_ffn(struct fwd_ctx *f, const struct mo_layer *L, int64_t n)
                 moe_route(&router, f->router_host + i * X, f->exp_ids + i * K, f->exp_w + i * K,
                           f->route_scratch);
         moe_group_by_expert((int)X, (int)K, n, f->exp_ids, f->exp_start, f->exp_order);
+}
 
-        OPS(f)->zero(f->b, f->moe_out, n * E * sizeof(float));
+/* ye = down(silu(gate(xe)) * up(xe)) for the c rows expert x received, on
+ * the backend of the device holding it. */
+static void expert_ffn(struct fwd_ctx *f, mo_backend *b, const struct mo_layer *L, int64_t x,
+                       int64_t c)
+{
+        int64_t E = f->m->hp.n_embd, Fe = f->m->hp.n_ff_exp;
+
+        b->ops->matmul(b, &L->gate_exps[x], f->xe, E, f->gate, Fe, c);
+        b->ops->matmul(b, &L->up_exps[x], f->xe, E, f->up, Fe, c);
+        b->ops->swiglu(b, f->gate, f->up, f->gate, c * Fe);
+        b->ops->matmul(b, &L->down_exps[x], f->gate, Fe, f->ye, E, c);
+}
+
+/* Unsharded: each expert over its tokens, its weighted outputs added into
+ * moe_out. Experts go in id order, so every token adds its terms in
+ * ascending expert id: the order the sharded combine keeps too. */
+static void moe_local(struct fwd_ctx *f, const struct mo_layer *L)
+{
+        int64_t E = f->m->hp.n_embd, X = f->m->hp.n_expert, K = f->m->hp.n_expert_used;
+
         for (int64_t x = 0; x < X; x++) {
                 int64_t c = f->exp_start[x + 1] - f->exp_start[x];
                 if (c == 0)
@@ -375,16 +519,257 @@ static void moe_ffn(struct fwd_ctx *f, const struct mo_layer *L, int64_t n)
                         f->w_e[j] = f->exp_w[pair];
                 }
                 OPS(f)->gather_rows(f->b, f->h, E, f->rows_e, c, f->xe);
-                matmul(f, &L->gate_exps[x], f->xe, E, f->gate, Fe, c);
-                matmul(f, &L->up_exps[x], f->xe, E, f->up, Fe, c);
-                OPS(f)->swiglu(f->b, f->gate, f->up, f->gate, c * Fe);
-                matmul(f, &L->down_exps[x], f->gate, Fe, f->ye, E, c);
+                expert_ffn(f, f->b, L, x, c);
                 OPS(f)->scatter_add_rows(f->b, f->ye, E, f->rows_e, f->w_e, c, f->moe_out);
         }
+}
+
+/* ---- experts sharded over devices: one layer ---- */
+
+static int ensure_rows(struct fwd_dev *d, struct dev_rows *r, int64_t rows, int64_t dim)
+{
+        if (rows <= r->cap)
+                return 0;
+        if (r->p)
+                d->b->ops->free(d->b, r->p);
+        r->cap = MO_MAX(rows, 2 * r->cap);
+        r->p = d->b->ops->alloc(d->b, (size_t)(r->cap * dim) * sizeof(float));
+        if (!r->p)
+                r->cap = 0;
+        return r->p ? 0 : -ENOMEM;
+}
+
+/* Token t lies in slice s = the s with s*n/N <= t < (s+1)*n/N. */
+static void shard_slices(struct fwd_shard *sh, int64_t n)
+{
+        for (int s = 0; s < sh->n; s++)
+                for (int64_t t = s * n / sh->n; t < (s + 1) * n / sh->n; t++)
+                        sh->src[t] = s;
+}
+
+/* Counts both all-to-alls: token t goes to every device in mask[t] once;
+ * each (token, expert) output comes back from the expert's owner. */
+static void shard_count(struct fwd_ctx *f, const int32_t *own, int64_t n)
+{
+        struct fwd_shard *sh = f->sh;
+        int N = sh->n;
+        int64_t K = f->m->hp.n_expert_used;
+
+        memset(sh->disp_n, 0, (size_t)(N * N) * sizeof *sh->disp_n);
+        memset(sh->back_n, 0, (size_t)(N * N) * sizeof *sh->back_n);
+        for (int64_t t = 0; t < n; t++) {
+                uint64_t m = 0;
+                for (int64_t k = 0; k < K; k++) {
+                        int p = own[f->exp_ids[t * K + k]];
+                        m |= 1ull << p;
+                        sh->back_n[p * N + sh->src[t]]++;
+                }
+                sh->mask[t] = m;
+                for (; m; m &= m - 1)
+                        sh->disp_n[sh->src[t] * N + __builtin_ctzll(m)]++;
+        }
+}
+
+/* Where each token row goes: disp_rows lists, device after device, the
+ * tokens each sends (by destination, then token); slot[t][p] is the row of
+ * t in p's recv. A recv buffer holds its rows by source, then token: that
+ * is token order, since the slices are in token order. */
+static void shard_layout(struct fwd_ctx *f, int64_t n)
+{
+        struct fwd_shard *sh = f->sh;
+        int N = sh->n;
+        int32_t next[MO_COLL_MAX_DEVICES] = { 0 };
+        int64_t at = 0;
+
+        for (int i = 0; i < N * N; i++) {
+                sh->cur[i] = at;
+                at += sh->disp_n[i];
+        }
+        for (int64_t t = 0; t < n; t++)
+                for (uint64_t m = sh->mask[t]; m; m &= m - 1) {
+                        int p = __builtin_ctzll(m);
+                        sh->disp_rows[sh->cur[sh->src[t] * N + p]++] = (int32_t)t;
+                        sh->slot[t * N + p] = next[p]++;
+                }
+}
+
+static int shard_buffers(struct fwd_shard *sh, int64_t E)
+{
+        for (int d = 0; d < sh->n; d++) {
+                struct fwd_dev *v = &sh->dev[d];
+                if (ensure_rows(v, &v->send, mo_coll_send_rows(sh->n, sh->disp_n, d), E) < 0 ||
+                    ensure_rows(v, &v->recv, mo_coll_recv_rows(sh->n, sh->disp_n, d), E) < 0 ||
+                    ensure_rows(v, &v->back, mo_coll_send_rows(sh->n, sh->back_n, d), E) < 0 ||
+                    ensure_rows(v, &v->comb, mo_coll_recv_rows(sh->n, sh->back_n, d), E) < 0)
+                        return -ENOMEM;
+        }
+        return 0;
+}
+
+/* The dispatch all-to-all (send -> recv), or the return (back -> comb). */
+static int shard_exchange(struct fwd_shard *sh, bool back, int64_t E)
+{
+        const float *send[MO_COLL_MAX_DEVICES];
+        float *recv[MO_COLL_MAX_DEVICES];
+
+        for (int d = 0; d < sh->n; d++) {
+                send[d] = back ? sh->dev[d].back.p : sh->dev[d].send.p;
+                recv[d] = back ? sh->dev[d].comb.p : sh->dev[d].recv.p;
+        }
+        return sh->coll->ops->all_to_all(sh->coll, send, back ? sh->back_n : sh->disp_n, recv, E);
+}
+
+/* Each device gathers the rows it sends from the normed activations, then
+ * the rows move. */
+static int shard_dispatch(struct fwd_ctx *f)
+{
+        struct fwd_shard *sh = f->sh;
+        int64_t E = f->m->hp.n_embd, at = 0;
+
+        for (int s = 0; s < sh->n; s++) {
+                struct fwd_dev *v = &sh->dev[s];
+                int64_t rows = mo_coll_send_rows(sh->n, sh->disp_n, s);
+                if (rows > 0)
+                        v->b->ops->gather_rows(v->b, f->h, E, sh->disp_rows + at, rows, v->send.p);
+                at += rows;
+        }
+        return shard_exchange(sh, false, E);
+}
+
+/* Pairs from j that come from the slice of pair j's token: an expert's
+ * pairs are in token order, so each slice's are one run. */
+static int64_t slice_run(const struct fwd_ctx *f, const int32_t *pairs, int64_t j, int64_t c)
+{
+        int64_t K = f->m->hp.n_expert_used, e = j + 1;
+        int32_t s = f->sh->src[pairs[j] / K];
+
+        while (e < c && f->sh->src[pairs[e] / K] == s)
+                e++;
+        return e - j;
+}
+
+/* cur[p][s]: where the rows of device p for slice s begin, in p's back
+ * buffer (by_sender) or in s's comb buffer. */
+static void shard_cursors(struct fwd_shard *sh, bool by_sender)
+{
+        int N = sh->n;
+
+        for (int p = 0; p < N; p++)
+                for (int s = 0; s < N; s++) {
+                        int64_t at = 0;
+                        if (by_sender)
+                                for (int q = 0; q < s; q++)
+                                        at += sh->back_n[p * N + q];
+                        else
+                                for (int q = 0; q < p; q++)
+                                        at += sh->back_n[q * N + s];
+                        sh->cur[p * N + s] = at;
+                }
+}
+
+/* Every device runs its experts, in id order, over the rows it received.
+ * An expert's rows are its tokens in token order, as unsharded, so its
+ * products are the same; its outputs go to the back buffer by slice. */
+static void shard_experts(struct fwd_ctx *f, const struct mo_layer *L, const int32_t *own)
+{
+        struct fwd_shard *sh = f->sh;
+        int N = sh->n;
+        int64_t E = f->m->hp.n_embd, X = f->m->hp.n_expert, K = f->m->hp.n_expert_used;
+
+        shard_cursors(sh, true);
+        for (int64_t x = 0; x < X; x++) {
+                const int32_t *pairs = f->exp_order + f->exp_start[x];
+                int64_t c = f->exp_start[x + 1] - f->exp_start[x];
+                struct fwd_dev *v = &sh->dev[own[x]];
+                if (c == 0)
+                        continue;
+                for (int64_t j = 0; j < c; j++)
+                        f->rows_e[j] = sh->slot[pairs[j] / K * N + own[x]];
+                v->b->ops->gather_rows(v->b, v->recv.p, E, f->rows_e, c, f->xe);
+                expert_ffn(f, v->b, L, x, c);
+                for (int64_t j = 0, r; j < c; j += r) {
+                        int64_t *at = &sh->cur[own[x] * N + sh->src[pairs[j] / K]];
+                        r = slice_run(f, pairs, j, c);
+                        v->b->ops->copy(v->b, v->back.p + *at * E, f->ye + j * E,
+                                        (size_t)(r * E) * sizeof(float));
+                        *at += r;
+                }
+        }
+}
+
+/* Every device adds its slice's expert outputs into moe_out, expert after
+ * expert in id order: per token the order moe_local adds in, whatever the
+ * placement and the device count, so the sums are bit-for-bit the same.
+ * (Summing on the expert's device first would save return traffic but
+ * make the order depend on the placement.) The virtual devices take turns
+ * within each expert and share one moe_out; a GPU would loop over the
+ * experts on its own, into its slice's rows. */
+static void shard_combine(struct fwd_ctx *f, const int32_t *own)
+{
+        struct fwd_shard *sh = f->sh;
+        int N = sh->n;
+        int64_t E = f->m->hp.n_embd, X = f->m->hp.n_expert, K = f->m->hp.n_expert_used;
+
+        shard_cursors(sh, false);
+        for (int64_t x = 0; x < X; x++) {
+                const int32_t *pairs = f->exp_order + f->exp_start[x];
+                int64_t c = f->exp_start[x + 1] - f->exp_start[x];
+                for (int64_t j = 0, r; j < c; j += r) {
+                        int s = sh->src[pairs[j] / K];
+                        struct fwd_dev *v = &sh->dev[s];
+                        int64_t *at = &sh->cur[own[x] * N + s];
+                        r = slice_run(f, pairs, j, c);
+                        for (int64_t i = 0; i < r; i++) {
+                                f->rows_e[i] = pairs[j + i] / (int32_t)K;
+                                f->w_e[i] = f->exp_w[pairs[j + i]];
+                        }
+                        v->b->ops->scatter_add_rows(v->b, v->comb.p + *at * E, E, f->rows_e, f->w_e, r,
+                                                    f->moe_out);
+                        *at += r;
+                }
+        }
+}
+
+/* The routed experts of layer il over the devices: plan, dispatch the
+ * token rows, compute, send the outputs back, combine. */
+static int moe_sharded(struct fwd_ctx *f, const struct mo_layer *L, int64_t il, int64_t n)
+{
+        struct fwd_shard *sh = f->sh;
+        const int32_t *own = placement_map(sh->place, (int)il);
+        int64_t E = f->m->hp.n_embd;
+        int r;
+
+        /* cannot fail: moe_route only chooses experts that exist */
+        placement_observe(sh->place, (int)il, f->exp_ids, n * f->m->hp.n_expert_used);
+        shard_slices(sh, n);
+        shard_count(f, own, n);
+        shard_layout(f, n);
+        if ((r = shard_buffers(sh, E)) < 0 || (r = shard_dispatch(f)) < 0)
+                return r;
+        shard_experts(f, L, own);
+        if ((r = shard_exchange(sh, true, E)) < 0)
+                return r;
+        shard_combine(f, own);
+        return 0;
+}
+
+static int moe_ffn(struct fwd_ctx *f, const struct mo_layer *L, int64_t il, int64_t n)
+{
+        const struct mo_hparams *hp = &f->m->hp;
+        int64_t E = hp->n_embd;
+        int r;
+
+        moe_route_batch(f, L, n);
+        OPS(f)->zero(f->b, f->moe_out, n * E * sizeof(float));
+        if (!f->sh)
+                moe_local(f, L);
+        else if ((r = moe_sharded(f, L, il, n)) < 0)
+                return r;
         if (hp->n_expert_shared > 0) {
                 swiglu_ffn(f, &L->gate_shexp, &L->up_shexp, &L->down_shexp, f->h, n, f->tmp);
                 OPS(f)->add(f->b, f->moe_out, f->tmp, n * E);
         }
+        return 0;
 }
 
 static int layer(struct fwd_ctx *f, int64_t il, struct kv_cache *kv, const struct fwd_seq *seqs,
@@ -418,7 +803,8 @@ static int layer(struct fwd_ctx *f, int64_t il, struct kv_cache *kv, const struc
                 swiglu_ffn(f, &L->ffn_gate, &L->ffn_up, &L->ffn_down, f->h, n, f->tmp);
                 OPS(f)->add(f->b, f->x, f->tmp, n * E);
         } else {
-                moe_ffn(f, L, n);
+                if ((r = moe_ffn(f, L, il, n)) < 0)
+                        return r;
                 OPS(f)->add(f->b, f->x, f->moe_out, n * E);
         }
         return 0;

@@ -38,3 +38,19 @@ int fwd_step(struct fwd_ctx *f, struct kv_cache *kv, struct fwd_seq *seqs, int n
  * decompressed form (k_nope and v rebuilt per cached token, F32) instead of
  * the absorbed one. */
 void fwd_set_decompressed(struct fwd_ctx *f, bool on);
+
+/* Shards the routed experts over n_devices virtual devices that share this
+ * process and its backend (0 or 1: unsharded, the default). Each MoE layer
+ * then dispatches token rows to the devices owning their experts and
+ * combines the outputs back through the local collective
+ * (kernels/collective.h), with the placement starting contiguous and
+ * balanced. The logits are bit-for-bit those of the unsharded pass, for
+ * any device count and any placement. Attention is not sharded (on GPUs
+ * it would run data-parallel; see docs/multinode.md). Each call starts a
+ * fresh placement. */
+int fwd_set_devices(struct fwd_ctx *f, int n_devices, struct moerr *e);
+
+struct placement; /* engine/placement.h */
+/* The expert placement of a sharded pass (NULL when unsharded): its loads
+ * are fed by every step; rebalance or pin it between steps. */
+struct placement *fwd_placement(struct fwd_ctx *f);

@@ -24,6 +24,7 @@
 #include "engine/gguf.h"
 #include "engine/kvcache.h"
 #include "engine/model.h"
+#include "engine/placement.h"
 #include "kernels/quant.h"
 #include "tools/fixture.h"
 #include "testutil.h"
@@ -674,6 +675,210 @@ static void forward_rejects_bad_batches(void **state)
         eng_close(&g);
 }
 
+/* ---- experts sharded over virtual devices ---- */
+
+static const char *const sharded_shapes[] = { "tiny", "tiny-softmax", "tiny-legacy", "tiny-noqlora",
+                                              "tiny-fused", "tiny-tied", "tiny-noyarn",
+                                              "tiny-yarn-nolog", "tiny-groups" };
+
+/* Sharding only moves rows and keeps every sum in the unsharded order, so
+ * the logits must be equal to the bit, not merely close. */
+static void assert_same_logits(const float *got, const float *want, int64_t n, int64_t V,
+                               const char *shape, int n_dev, const char *what)
+{
+        if (memcmp(got, want, (size_t)(n * V) * sizeof(float)) != 0)
+                fail_msg("%s, %d devices, %s: logits differ (worst relative error %.2e)", shape, n_dev,
+                         what, worst_rel(got, want, n, V));
+}
+
+/* Prefill (one step) and decode (token by token) under the current
+ * sharding, each against the unsharded logits. */
+static void sharded_run(struct eng *g, const int32_t *t, const float *pre, const float *dec,
+                        const char *shape, int n_dev, const char *placement)
+{
+        char what[64];
+        float *l;
+
+        snprintf(what, sizeof what, "%s, prefill", placement);
+        l = eng_run(g, t, N_TOK, N_TOK);
+        assert_same_logits(l, pre, N_TOK, g->m->hp.n_vocab, shape, n_dev, what);
+        free(l);
+        snprintf(what, sizeof what, "%s, decode", placement);
+        l = eng_run(g, t, N_TOK, 1);
+        assert_same_logits(l, dec, N_TOK, g->m->hp.n_vocab, shape, n_dev, what);
+        free(l);
+}
+
+/* Every routed (token, expert) pair of the runs so far was counted once. */
+static void assert_loads(const struct eng *g, struct placement *p, uint64_t tokens)
+{
+        const struct mo_hparams *hp = &g->m->hp;
+
+        for (int64_t l = 0; l < hp->n_layer; l++) {
+                uint64_t sum = 0;
+                for (int x = 0; x < placement_experts(p); x++)
+                        sum += placement_load(p, (int)l, x);
+                assert_int_equal(sum, l < hp->n_dense ? 0 : tokens * (uint64_t)hp->n_expert_used);
+        }
+}
+
+/* The last device holds every expert of every layer, the others none. */
+static void pin_all_to_last(struct placement *p, int64_t n_layer)
+{
+        int32_t owners[256];
+        struct moerr e = {0};
+
+        assert_true(placement_experts(p) <= 256);
+        for (int x = 0; x < placement_experts(p); x++)
+                owners[x] = placement_devices(p) - 1;
+        for (int64_t l = 0; l < n_layer; l++)
+                assert_int_equal(placement_set(p, (int)l, owners, &e), 0);
+}
+
+/* Placements that differ from the initial contiguous one, in all layers. */
+static int moved_experts(struct placement *p, int64_t n_layer)
+{
+        int X = placement_experts(p), N = placement_devices(p), moved = 0;
+
+        for (int64_t l = 0; l < n_layer; l++)
+                for (int x = 0; x < X; x++)
+                        moved += placement_owner(p, (int)l, x) != x * N / X;
+        return moved;
+}
+
+/* One model sharded over 1 to 4 virtual devices under the initial
+ * placement, a rebalanced one and one with every expert on one device;
+ * returns how many experts the rebalances moved. */
+static int sharded_vs_unsharded(const char *path, const char *label)
+{
+        struct eng g = {0};
+        struct moerr e = {0};
+        int32_t t[N_TOK];
+        float *pre, *dec;
+        int moved = 0;
+
+        eng_open(&g, path, 2, 16);
+        tokens(t, N_TOK, g.m->hp.n_vocab, 13);
+        pre = eng_run(&g, t, N_TOK, N_TOK);
+        dec = eng_run(&g, t, N_TOK, 1);
+        for (int n = 1; n <= 4; n++) {
+                struct placement *p;
+                if (fwd_set_devices(g.f, n, &e) < 0)
+                        fail_msg("%s", e.msg);
+                p = fwd_placement(g.f);
+                assert_true((p != NULL) == (n > 1));
+                sharded_run(&g, t, pre, dec, label, n, "contiguous");
+                if (!p)
+                        continue;
+                assert_loads(&g, p, 2 * N_TOK);
+                assert_int_equal(placement_rebalance(p, 0, &e), 0);
+                moved += moved_experts(p, g.m->hp.n_layer);
+                sharded_run(&g, t, pre, dec, label, n, "rebalanced");
+                pin_all_to_last(p, g.m->hp.n_layer);
+                sharded_run(&g, t, pre, dec, label, n, "all on one device");
+        }
+        printf("  %-16s sharded over 1-4 devices: bit-identical\n", label);
+        free(pre);
+        free(dec);
+        eng_close(&g);
+        return moved;
+}
+
+/* Every routing and layout variant, and tiny with all 8 experts used (a
+ * token's sum then has 8 terms, where any change of order would show;
+ * with 2, float addition is commutative): the logits of prefill and
+ * decode equal the unsharded ones bit for bit. */
+static void forward_sharded_equals_unsharded(void **state)
+{
+        int moved = 0;
+
+        (void)state;
+        for (size_t i = 0; i < sizeof sharded_shapes / sizeof *sharded_shapes; i++)
+                moved += sharded_vs_unsharded(tu_fixture(sharded_shapes[i], MO_TYPE_F32, false),
+                                              sharded_shapes[i]);
+        moved += sharded_vs_unsharded(all_experts_fixture(MO_TYPE_F32), "tiny-all-experts");
+        assert_true(moved > 0); /* the rebalanced runs did test other maps */
+}
+
+/* One step over sequences of different lengths at different positions,
+ * with n_dev devices: the logits of every row. */
+static float *mixed_batch(const char *path, int n_dev, int64_t *n_rows, int64_t *V)
+{
+        enum { S = 5 };
+        static const int64_t pre[S] = { 0, 3, 7, 1, 2 }, len[S] = { 1, 5, 2, 6, 1 };
+        struct eng g = {0};
+        struct kv_seq kvs[S] = {{0}};
+        struct fwd_seq seqs[S];
+        struct moerr e = {0};
+        int32_t t[S][16];
+        float *out;
+
+        eng_open(&g, path, 2, 32);
+        *V = g.m->hp.n_vocab;
+        if (fwd_set_devices(g.f, n_dev, &e) < 0)
+                fail_msg("%s", e.msg);
+        *n_rows = 0;
+        for (int s = 0; s < S; s++) {
+                tokens(t[s], pre[s] + len[s], *V, 200 + s);
+                assert_int_equal(kv_seq_reserve(g.kv, &kvs[s], pre[s] + len[s]), 0);
+                if (pre[s]) {
+                        float *tmp = malloc(*V * sizeof(float));
+                        struct fwd_seq p = { .kv = &kvs[s], .tokens = t[s], .n_tokens = pre[s] };
+                        assert_int_equal(fwd_step(g.f, g.kv, &p, 1, tmp, &e), 0);
+                        free(tmp);
+                }
+                seqs[s] = (struct fwd_seq){ .kv = &kvs[s], .tokens = t[s] + pre[s], .n_tokens = len[s],
+                                            .pos0 = pre[s], .all_logits = s % 2 == 0 };
+                *n_rows += seqs[s].all_logits ? len[s] : 1;
+        }
+        out = malloc(*n_rows * *V * sizeof(float));
+        if (fwd_step(g.f, g.kv, seqs, S, out, &e) < 0)
+                fail_msg("%s", e.msg);
+        for (int s = 0; s < S; s++)
+                kv_seq_release(g.kv, &kvs[s]);
+        eng_close(&g);
+        return out;
+}
+
+/* A mixed batch of prefill chunks and decode tokens, quantized weights
+ * (activations quantized per row in the kernels), 2 to 4 devices. */
+static void forward_sharded_mixed_batch_equals_unsharded(void **state)
+{
+        const char *paths[2] = { tu_fixture("tiny", MO_TYPE_Q4_K, false), all_experts_fixture(MO_TYPE_Q8_0) };
+
+        (void)state;
+        for (int i = 0; i < 2; i++) {
+                int64_t n, V;
+                float *want = mixed_batch(paths[i], 0, &n, &V);
+                for (int d = 2; d <= 4; d++) {
+                        int64_t n2;
+                        float *got = mixed_batch(paths[i], d, &n2, &V);
+                        assert_int_equal(n2, n);
+                        assert_same_logits(got, want, n, V, paths[i], d, "mixed batch");
+                        free(got);
+                }
+                free(want);
+        }
+}
+
+static void forward_set_devices_rejects_bad_counts(void **state)
+{
+        struct eng g = {0};
+        struct moerr e = {0};
+
+        (void)state;
+        eng_open(&g, tu_fixture("tiny", MO_TYPE_F32, false), 1, 8);
+        assert_int_equal(fwd_set_devices(g.f, -1, &e), -EINVAL);
+        assert_int_equal(fwd_set_devices(g.f, 65, &e), -EINVAL);
+        assert_non_null(strstr(e.msg, "65 devices"));
+        assert_null(fwd_placement(g.f));
+        assert_int_equal(fwd_set_devices(g.f, 3, &e), 0);
+        assert_int_equal(placement_devices(fwd_placement(g.f)), 3);
+        assert_int_equal(fwd_set_devices(g.f, 1, &e), 0);
+        assert_null(fwd_placement(g.f));
+        eng_close(&g);
+}
+
 int main(void)
 {
         const char *want = getenv("MOED_CPU_SIMD");
@@ -685,6 +890,9 @@ int main(void)
                 cmocka_unit_test(forward_batch_matches_each_alone),
                 cmocka_unit_test(forward_is_identical_across_thread_counts),
                 cmocka_unit_test(forward_rejects_bad_batches),
+                cmocka_unit_test(forward_sharded_equals_unsharded),
+                cmocka_unit_test(forward_sharded_mixed_batch_equals_unsharded),
+                cmocka_unit_test(forward_set_devices_rejects_bad_counts),
         };
         /* A lowered level must really be the one running, or the extra runs
          * in tests/meson.build would test nothing new. */
