@@ -28,7 +28,7 @@ ninja -C build/asan
 meson test -C build/asan --print-errorlogs --num-processes 2 --timeout-multiplier 4 | tee build/asan-test.log
 
 echo "== fuzzing (${fuzz_seconds}s per target)"
-CC=clang setup build/fuzz --buildtype=debug -Dfuzz=true -Dtests=false \
+CC=clang setup build/fuzz --buildtype=debug -Dfuzz=true -Dtests=false -Dcuda=disabled \
   -Dc_args=-fsanitize=fuzzer-no-link,address,undefined -Dc_link_args=-fsanitize=address,undefined
 ninja -C build/fuzz tests/fuzz/fuzz-gguf tests/fuzz/fuzz-tokenizer tests/fuzz/fuzz-openai \
   tests/fuzz/fuzz-config tests/fuzz/fuzz-usage-store
