@@ -201,6 +201,7 @@ struct conn {
         double t_first;         /* the read that brought the first body byte */
         double next_read;       /* slow readers read again at this time */
         bool slow, first_seen;
+        bool closed;            /* moed ended the keep-alive between requests */
         int err;                /* why it died: a negative errno */
         double t_end;           /* when the response ended or the connection died */
 };
@@ -415,13 +416,20 @@ static void pump_free(struct pump *p)
  * client that leaves the bytes in the socket. */
 static bool watched(const struct conn *c, double t)
 {
-        return c->st != C_DEAD && !(c->slow && c->st == C_BODY && t < c->next_read);
+        return c->st != C_DEAD && !c->closed && !(c->slow && c->st == C_BODY && t < c->next_read);
 }
 
 static void pump_event(struct pump *p, struct conn *c)
 {
+        bool between = c->st == C_DONE || c->st == C_IDLE;
         int r = conn_read(c);
 
+        /* An idle keep-alive that moed closes (IdleTimeoutSec) has lost
+         * nothing: the last answer was complete. */
+        if (r == -EPIPE && between) {
+                c->closed = true;
+                return;
+        }
         if (r < 0) {
                 c->st = C_DEAD;
                 c->err = r;
@@ -863,7 +871,7 @@ static void count_stream(const struct conn *c, struct memround *m)
 static void count_round(struct pump *p, size_t n_idle, struct memround *m)
 {
         for (size_t i = 0; i < n_idle; i++) {
-                if (p->c[i]->st == C_IDLE)
+                if (p->c[i]->st == C_IDLE && !p->c[i]->closed)
                         m->idle_ok++;
                 else
                         m->idle_lost++;
