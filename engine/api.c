@@ -1158,14 +1158,19 @@ static void run_step(struct eng *g, int model)
         struct moerr e = { { 0 } };
         double t0 = eng_now();
         int n = build_step(g, model);
+        /* Read the logits where the forward pass left them when the host
+         * can, rather than keep a second copy of the whole batch's. */
+        bool in_place = fwd_logits_in_place(em->f);
+        float *logits;
 
         if (n == 0)
                 return;
-        if (fwd_step(em->f, em->kv, g->batch, n, g->logits, &e) < 0) {
+        if (fwd_step(em->f, em->kv, g->batch, n, in_place ? NULL : g->logits, &e) < 0) {
                 for (int i = 0; i < n; i++)
                         finish(g, g->batch_req[i], ENG_FINISH_ERROR, e.msg);
                 return;
         }
+        logits = in_place ? fwd_logits(em->f) : g->logits;
         for (int i = 0; i < n; i++) {
                 struct eng_req *r = g->batch_req[i];
                 vt_charge(g, r, g->batch[i].n_tokens);
@@ -1183,7 +1188,7 @@ static void run_step(struct eng *g, int model)
                         continue;
                 }
                 generated++;
-                accept_token(g, r, sampler_sample(r->smp, g->logits + (int64_t)i * V));
+                accept_token(g, r, sampler_sample(r->smp, logits + (int64_t)i * V));
         }
         record_step(g, eng_now() - t0, prefilled, generated);
 }

@@ -852,6 +852,16 @@ static int batch_rows(struct fwd_ctx *f, struct kv_cache *kv, const struct fwd_s
         return 0;
 }
 
+bool fwd_logits_in_place(const struct fwd_ctx *f)
+{
+        return OPS(f)->host_memory;
+}
+
+float *fwd_logits(const struct fwd_ctx *f)
+{
+        return OPS(f)->host_memory ? f->logits : NULL;
+}
+
 int fwd_step(struct fwd_ctx *f, struct kv_cache *kv, struct fwd_seq *seqs, int n_seqs, float *logits,
              struct moerr *e)
 {
@@ -859,6 +869,8 @@ int fwd_step(struct fwd_ctx *f, struct kv_cache *kv, struct fwd_seq *seqs, int n
         int64_t E = hp->n_embd, n = 0, n_out = 0;
         int r;
 
+        if (!logits && !OPS(f)->host_memory)
+                return moerr_set(e, -EINVAL, "this backend needs a logits buffer");
         if ((r = batch_rows(f, kv, seqs, n_seqs, &n, &n_out, e)) < 0)
                 return r;
         if (n == 0)
@@ -874,7 +886,11 @@ int fwd_step(struct fwd_ctx *f, struct kv_cache *kv, struct fwd_seq *seqs, int n
         OPS(f)->gather_rows(f->b, f->x, E, f->out_rows, n_out, f->h);
         rmsnorm(f, f->h, E, f->m->output_norm, E, n_out, f->h, E);
         matmul(f, &f->m->output, f->h, E, f->logits, hp->n_vocab, n_out);
-        OPS(f)->download(f->b, logits, f->logits, (size_t)n_out * hp->n_vocab * sizeof(float));
+        if (logits)
+                OPS(f)->download(f->b, logits, f->logits,
+                                 (size_t)n_out * hp->n_vocab * sizeof(float));
+        else
+                OPS(f)->sync(f->b);
         for (int s = 0; s < n_seqs; s++)
                 seqs[s].kv->n_tokens = seqs[s].pos0 + seqs[s].n_tokens;
         return 0;

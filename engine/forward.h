@@ -30,9 +30,18 @@ void fwd_free(struct fwd_ctx *f);
 
 /* Runs one step. logits (host memory) receives, in sequence order, n_tokens
  * rows per all_logits sequence and one row per other sequence, n_vocab each.
- * Sets each seq's kv->n_tokens to pos0 + n_tokens. */
+ * Sets each seq's kv->n_tokens to pos0 + n_tokens. logits may be NULL when
+ * fwd_logits() can be read in place instead. */
 int fwd_step(struct fwd_ctx *f, struct kv_cache *kv, struct fwd_seq *seqs, int n_seqs,
              float *logits, struct moerr *e);
+
+/* The last step's logits where the host can read them in place (a backend
+ * whose memory is host memory), valid until the next step; else NULL, and
+ * fwd_step must be given a buffer. The caller may change them (a sampler
+ * does). Saves a copy of n_out x n_vocab floats (33 MB for 64 sequences of
+ * a 129k vocabulary). */
+float *fwd_logits(const struct fwd_ctx *f);
+bool fwd_logits_in_place(const struct fwd_ctx *f);
 
 /* Reference attention for tests: when set, attention runs in the
  * decompressed form (k_nope and v rebuilt per cached token, F32) instead of

@@ -99,6 +99,9 @@ struct mo_backend_ops {
         void (*mla_attn)(mo_backend *b, const mo_mla_args *a);
         /* Waits until every queued operation has finished. */
         void (*sync)(mo_backend *b);
+        /* Backend memory is ordinary host memory (the CPU backend): the
+         * host may read results in place after sync, without a download. */
+        bool host_memory;
 };
 
 struct mo_backend {

@@ -506,6 +506,7 @@ static const struct mo_backend_ops cpu_ops = {
         .scatter_add_rows = cpu_scatter_add_rows,
         .mla_attn = cpu_mla_attn,
         .sync = cpu_sync,
+        .host_memory = true,
 };
 
 int mo_backend_cpu_new(int n_threads, mo_backend **out, struct moerr *e)
