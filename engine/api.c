@@ -243,6 +243,7 @@ static int model_kv_new(struct eng *g, struct eng_model *em, struct moerr *e)
                 kc.n_blocks = kv_blocks_for_tokens(&kc, 4 * em->n_ctx);
                 bytes = MO_MIN(kc.n_blocks * kv_block_bytes(&kc), AUTO_KV_CAP);
         }
+        kc.n_blocks = 1; /* kv_block_bytes wants a whole config */
         kc.n_blocks = kv_blocks_for_bytes(&kc, bytes);
         if (kc.n_blocks < kv_blocks_for_tokens(&kc, MO_MIN(em->n_ctx, 4096)))
                 kc.n_blocks = kv_blocks_for_tokens(&kc, MO_MIN(em->n_ctx, 4096));

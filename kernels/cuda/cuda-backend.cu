@@ -636,6 +636,7 @@ static const struct mo_backend_ops cuda_ops = {
         .scatter_add_rows = cuda_op_scatter_add_rows,
         .mla_attn = cuda_op_mla_attn,
         .sync = cuda_sync,
+        .host_memory = false,
 };
 
 extern "C" int mo_cuda_probe(char *why, size_t cap)
