@@ -103,10 +103,17 @@ struct http_door {
 static int buf_append(char **b, size_t *len, size_t *cap, const char *s, size_t n)
 {
         if (*len + n + 1 > *cap) {
+                /* Not realloc: the old block holds a prompt or an answer and
+                 * is wiped before it goes back to the heap. */
                 size_t nc = MO_MAX(*cap * 2, *len + n + 1024);
-                char *p = realloc(*b, nc);
+                char *p = malloc(nc);
                 if (!p)
                         return -ENOMEM;
+                if (*b) {
+                        memcpy(p, *b, *len);
+                        memset(*b, 0, *cap);
+                        free(*b);
+                }
                 *b = p;
                 *cap = nc;
         }
