@@ -35,7 +35,9 @@ struct fwd_ctx {
         float *o;        /* [T][H][v] */
         float *gate, *up; /* [T][max FFN] */
         float *router;   /* [T][X] */
-        float *xe, *ye;  /* [T][E] one expert's inputs and outputs */
+        float *xe, *ye;  /* [P][E] a wave of experts' inputs and outputs */
+        int64_t pair_cap; /* P: (token, expert) pairs one wave of experts takes */
+        int64_t pair_alloc; /* the most pair_cap may be: xe and ye rows */
         float *logits;   /* [n_logits_cap][V] */
         int64_t n_logits_cap;
 
@@ -49,6 +51,7 @@ struct fwd_ctx {
         int32_t *rows_e;
         float *w_e;
         float *route_scratch;
+        mo_matmul_job *jobs; /* products run together (matmul_many) */
 
         /* decompressed reference: per layer W_UK [H][nope][Rkv], W_UV [H][v][Rkv] */
         float **wuk, **wuv;
@@ -157,6 +160,11 @@ static int shard_new(struct fwd_ctx *f, int n, struct fwd_shard **out, struct mo
         return 0;
 }
 
+/* Pairs one wave of experts may take beyond max_tokens: enough that a
+ * decode batch's experts go at once, bounded so that a long prefill's
+ * scratch does not grow with the number of experts used. */
+#define MAX_WAVE_PAIRS 1024
+
 static float *dev_alloc(struct fwd_ctx *f, int64_t n_floats, bool *ok)
 {
         float *p = OPS(f)->alloc(f->b, (size_t)(n_floats > 0 ? n_floats : 1) * sizeof(float));
@@ -201,11 +209,12 @@ int fwd_new(struct mo_model *m, mo_backend *b, int64_t max_tokens, struct fwd_ct
         f->q_pe = dev_alloc(f, T * H * hp->n_rot, &ok);
         f->o_lat = dev_alloc(f, T * H * hp->kv_lora, &ok);
         f->o = dev_alloc(f, T * H * hp->n_v, &ok);
-        f->gate = dev_alloc(f, T * max_ffn(hp), &ok);
-        f->up = dev_alloc(f, T * max_ffn(hp), &ok);
+        f->pair_cap = f->pair_alloc = MO_MIN(T * K, MO_MAX(T, MAX_WAVE_PAIRS));
+        f->gate = dev_alloc(f, MO_MAX(T * max_ffn(hp), f->pair_cap * hp->n_ff_exp), &ok);
+        f->up = dev_alloc(f, MO_MAX(T * max_ffn(hp), f->pair_cap * hp->n_ff_exp), &ok);
         f->router = dev_alloc(f, T * X, &ok);
-        f->xe = dev_alloc(f, T * E, &ok);
-        f->ye = dev_alloc(f, T * E, &ok);
+        f->xe = dev_alloc(f, f->pair_cap * E, &ok);
+        f->ye = dev_alloc(f, f->pair_cap * E, &ok);
         f->tok = calloc(T, sizeof *f->tok);
         f->pos = calloc(T, sizeof *f->pos);
         f->out_rows = calloc(T, sizeof *f->out_rows);
@@ -217,8 +226,9 @@ int fwd_new(struct mo_model *m, mo_backend *b, int64_t max_tokens, struct fwd_ct
         f->rows_e = calloc(T * K, sizeof *f->rows_e);
         f->w_e = calloc(T * K, sizeof *f->w_e);
         f->route_scratch = calloc(2 * X, sizeof *f->route_scratch);
+        f->jobs = calloc(MO_MAX(2 * X, H), sizeof *f->jobs);
         if (!ok || !f->tok || !f->pos || !f->out_rows || !f->router_host || !f->exp_ids || !f->exp_w ||
-            !f->exp_start || !f->exp_order || !f->rows_e || !f->w_e || !f->route_scratch) {
+            !f->exp_start || !f->exp_order || !f->rows_e || !f->w_e || !f->route_scratch || !f->jobs) {
                 fwd_free(f);
                 return moerr_set(e, -ENOMEM, "out of memory for a batch of %lld tokens", (long long)T);
         }
@@ -255,8 +265,15 @@ void fwd_free(struct fwd_ctx *f)
         free(f->rows_e);
         free(f->w_e);
         free(f->route_scratch);
+        free(f->jobs);
         shard_free(f->sh);
         free(f);
+}
+
+int64_t fwd_set_wave_pairs(struct fwd_ctx *f, int64_t pairs)
+{
+        f->pair_cap = MO_MAX(MO_MIN(pairs, f->pair_alloc), f->max_tokens);
+        return f->pair_cap;
 }
 
 void fwd_set_decompressed(struct fwd_ctx *f, bool on)
@@ -296,14 +313,30 @@ static void rmsnorm(struct fwd_ctx *f, const float *x, int64_t stride, const flo
         OPS(f)->rmsnorm(f->b, x, stride, g, dim, n, f->m->hp.rms_eps, y, y_stride);
 }
 
+/* Products that the backend may run as one piece of work (bit for bit
+ * what one matmul each gives). */
+static void matmul_many(mo_backend *b, const mo_matmul_job *jobs, int n)
+{
+        if (b->ops->matmul_many) {
+                b->ops->matmul_many(b, jobs, n);
+                return;
+        }
+        for (int i = 0; i < n; i++)
+                b->ops->matmul(b, jobs[i].w, jobs[i].x, jobs[i].x_stride, jobs[i].y, jobs[i].y_stride,
+                               jobs[i].m);
+}
+
 /* y = down(silu(gate(x)) * up(x)) for n rows of x. */
 static void swiglu_ffn(struct fwd_ctx *f, const mo_weight *gate, const mo_weight *up,
                        const mo_weight *down, const float *x, int64_t n, float *y)
 {
         int64_t E = f->m->hp.n_embd, F = gate->nrows;
+        mo_matmul_job gu[2] = {
+                { gate, x, E, f->gate, F, n },
+                { up, x, E, f->up, F, n },
+        };
 
-        matmul(f, gate, x, E, f->gate, F, n);
-        matmul(f, up, x, E, f->up, F, n);
+        matmul_many(f->b, gu, 2);
         OPS(f)->swiglu(f->b, f->gate, f->up, f->gate, n * F);
         matmul(f, down, f->gate, F, y, E, n);
 }
@@ -316,14 +349,18 @@ static void mla_project(struct fwd_ctx *f, const struct mo_layer *L, int64_t n)
         int64_t E = hp->n_embd, H = hp->n_head, dk = hp->n_nope + hp->n_rot;
         int64_t R = hp->kv_lora + hp->n_rot;
 
+        mo_matmul_job in[2] = {
+                { &L->attn_kv_a_mqa, f->h, E, f->kva, R, n },
+                hp->q_lora > 0 ? (mo_matmul_job){ &L->attn_q_a, f->h, E, f->cq, hp->q_lora, n } :
+                                 (mo_matmul_job){ &L->attn_q, f->h, E, f->q, H * dk, n },
+        };
+
+        /* Both read the normed input: one conversion, one pass. */
+        matmul_many(f->b, in, 2);
         if (hp->q_lora > 0) {
-                matmul(f, &L->attn_q_a, f->h, E, f->cq, hp->q_lora, n);
                 rmsnorm(f, f->cq, hp->q_lora, L->attn_q_a_norm, hp->q_lora, n, f->cq, hp->q_lora);
                 matmul(f, &L->attn_q_b, f->cq, hp->q_lora, f->q, H * dk, n);
-        } else {
-                matmul(f, &L->attn_q, f->h, E, f->q, H * dk, n);
         }
-        matmul(f, &L->attn_kv_a_mqa, f->h, E, f->kva, R, n);
         rmsnorm(f, f->kva, R, L->attn_kv_a_norm, hp->kv_lora, n, f->kva, R);
         OPS(f)->rope(f->b, f->kva + hp->kv_lora, n, 1, R, 0, f->pos, &f->m->rope);
         for (int64_t i = 0; i < n * H; i++)
@@ -353,7 +390,9 @@ static void mla_absorbed(struct fwd_ctx *f, const struct mo_layer *L, struct kv_
         int64_t row0 = 0;
 
         for (int64_t h = 0; h < H; h++)
-                matmul(f, &L->k_b[h], f->q + h * dk, H * dk, f->q_lat + h * Rkv, H * Rkv, n);
+                f->jobs[h] = (mo_matmul_job){ &L->k_b[h], f->q + h * dk, H * dk, f->q_lat + h * Rkv,
+                                              H * Rkv, n };
+        matmul_many(f->b, f->jobs, (int)H);
         for (int s = 0; s < n_seqs; s++) {
                 mo_mla_args a = {
                         .q_lat = f->q_lat + row0 * H * Rkv,
@@ -373,7 +412,9 @@ static void mla_absorbed(struct fwd_ctx *f, const struct mo_layer *L, struct kv_
                 row0 += seqs[s].n_tokens;
         }
         for (int64_t h = 0; h < H; h++)
-                matmul(f, &L->v_b[h], f->o_lat + h * Rkv, H * Rkv, f->o + h * hp->n_v, H * hp->n_v, n);
+                f->jobs[h] = (mo_matmul_job){ &L->v_b[h], f->o_lat + h * Rkv, H * Rkv,
+                                              f->o + h * hp->n_v, H * hp->n_v, n };
+        matmul_many(f->b, f->jobs, (int)H);
 }
 
 static int decompressed_weights(struct fwd_ctx *f, int64_t il)
@@ -502,25 +543,59 @@ static void expert_ffn(struct fwd_ctx *f, mo_backend *b, const struct mo_layer *
         b->ops->matmul(b, &L->down_exps[x], f->gate, Fe, f->ye, E, c);
 }
 
-/* Unsharded: each expert over its tokens, its weighted outputs added into
- * moe_out. Experts go in id order, so every token adds its terms in
- * ascending expert id: the order the sharded combine keeps too. */
-static void moe_local(struct fwd_ctx *f, const struct mo_layer *L)
+/* Experts x0 .. x1-1 at once: their tokens' rows gathered in pair order
+ * (expert by expert, tokens in order within each), then gate and up of
+ * every expert as one matmul_many, one swiglu, every down as another, and
+ * the weighted outputs added into moe_out. Each row's products are those
+ * of expert_ffn, and every token still adds its terms in ascending expert
+ * id: the order the sharded combine keeps too. */
+static void moe_wave(struct fwd_ctx *f, const struct mo_layer *L, int64_t x0, int64_t x1)
 {
-        int64_t E = f->m->hp.n_embd, X = f->m->hp.n_expert, K = f->m->hp.n_expert_used;
+        int64_t E = f->m->hp.n_embd, Fe = f->m->hp.n_ff_exp, K = f->m->hp.n_expert_used;
+        int64_t p0 = f->exp_start[x0], np = f->exp_start[x1] - p0;
+        int n = 0;
 
-        for (int64_t x = 0; x < X; x++) {
-                int64_t c = f->exp_start[x + 1] - f->exp_start[x];
+        if (np == 0)
+                return;
+        for (int64_t j = 0; j < np; j++) {
+                int32_t pair = f->exp_order[p0 + j];
+                f->rows_e[j] = pair / (int32_t)K;
+                f->w_e[j] = f->exp_w[pair];
+        }
+        OPS(f)->gather_rows(f->b, f->h, E, f->rows_e, np, f->xe);
+        for (int64_t x = x0; x < x1; x++) {
+                int64_t c = f->exp_start[x + 1] - f->exp_start[x], off = f->exp_start[x] - p0;
                 if (c == 0)
                         continue;
-                for (int64_t j = 0; j < c; j++) {
-                        int32_t pair = f->exp_order[f->exp_start[x] + j];
-                        f->rows_e[j] = pair / (int32_t)K;
-                        f->w_e[j] = f->exp_w[pair];
-                }
-                OPS(f)->gather_rows(f->b, f->h, E, f->rows_e, c, f->xe);
-                expert_ffn(f, f->b, L, x, c);
-                OPS(f)->scatter_add_rows(f->b, f->ye, E, f->rows_e, f->w_e, c, f->moe_out);
+                f->jobs[n++] = (mo_matmul_job){ &L->gate_exps[x], f->xe + off * E, E,
+                                                f->gate + off * Fe, Fe, c };
+                f->jobs[n++] = (mo_matmul_job){ &L->up_exps[x], f->xe + off * E, E,
+                                                f->up + off * Fe, Fe, c };
+        }
+        matmul_many(f->b, f->jobs, n);
+        OPS(f)->swiglu(f->b, f->gate, f->up, f->gate, np * Fe);
+        n = 0;
+        for (int64_t x = x0; x < x1; x++) {
+                int64_t c = f->exp_start[x + 1] - f->exp_start[x], off = f->exp_start[x] - p0;
+                if (c == 0)
+                        continue;
+                f->jobs[n++] = (mo_matmul_job){ &L->down_exps[x], f->gate + off * Fe, Fe,
+                                                f->ye + off * E, E, c };
+        }
+        matmul_many(f->b, f->jobs, n);
+        OPS(f)->scatter_add_rows(f->b, f->ye, E, f->rows_e, f->w_e, np, f->moe_out);
+}
+
+/* Unsharded: the experts in id order, in waves of at most pair_cap
+ * (token, expert) pairs (one expert never has more than max_tokens). */
+static void moe_local(struct fwd_ctx *f, const struct mo_layer *L)
+{
+        int64_t X = f->m->hp.n_expert;
+
+        for (int64_t x0 = 0, x1; x0 < X; x0 = x1) {
+                for (x1 = x0 + 1; x1 < X && f->exp_start[x1 + 1] - f->exp_start[x0] <= f->pair_cap; x1++)
+                        ;
+                moe_wave(f, L, x0, x1);
         }
 }
 

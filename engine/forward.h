@@ -48,6 +48,12 @@ bool fwd_logits_in_place(const struct fwd_ctx *f);
  * the absorbed one. */
 void fwd_set_decompressed(struct fwd_ctx *f, bool on);
 
+/* At most `pairs` (token, expert) pairs go through the experts of a MoE
+ * layer at once (clamped to [max_tokens, the size fwd_new allocated]);
+ * the logits do not depend on it. Returns the value in force. For tests of
+ * the split, and for hosts that want the smaller wave. */
+int64_t fwd_set_wave_pairs(struct fwd_ctx *f, int64_t pairs);
+
 /* Shards the routed experts over n_devices virtual devices that share this
  * process and its backend (0 or 1: unsharded, the default). Each MoE layer
  * then dispatches token rows to the devices owning their experts and

@@ -54,6 +54,17 @@ typedef struct mo_mla_args {
         float scale;
 } mo_mla_args;
 
+/* One product of a matmul_many call: y[i] = W x[i] for i < m, strides in
+ * floats as for matmul. */
+typedef struct mo_matmul_job {
+        const mo_weight *w;
+        const float *x;
+        int64_t x_stride;
+        float *y;
+        int64_t y_stride;
+        int64_t m;
+} mo_matmul_job;
+
 typedef struct mo_backend mo_backend;
 
 struct mo_backend_ops {
@@ -72,6 +83,14 @@ struct mo_backend_ops {
         void (*matmul)(mo_backend *b, const mo_weight *w,
                        const float *x, int64_t x_stride,
                        float *y, int64_t y_stride, int64_t m);
+        /* n independent products, the same bits as n matmul calls; no
+         * job's y may overlap another job's x or y. A backend runs them as
+         * one piece of work: the experts of a MoE layer, gate and up of an
+         * FFN or the heads of k_b would otherwise be dozens of small
+         * launches, each too small to keep every core streaming. Jobs
+         * that read the same x share its conversion. NULL: the engine
+         * calls matmul for each job. */
+        void (*matmul_many)(mo_backend *b, const mo_matmul_job *jobs, int n);
         /* y[i] = W[ids[i]] converted to F32 (embedding lookup). */
         void (*get_rows)(mo_backend *b, const mo_weight *w,
                          const int32_t *ids, int64_t n, float *y);

@@ -543,6 +543,74 @@ static void matmul_batch_rows_equal_single_rows_with_strides(void **state)
                 }
 }
 
+/* matmul_many gives each job the bits of its own matmul call: jobs of every
+ * type, pairs sharing an x (converted once), an F32 job between them, an
+ * empty job, batch sizes from 1 to 9, over every level and thread count. */
+static void matmul_many_equals_one_matmul_per_job(void **state)
+{
+        enum { J = 2 * N_TYPES + 2 };
+        const int64_t ncols = 512, xs = 520;
+        struct tw t[J];
+        mo_matmul_job jobs[J];
+        float *x = malloc(sizeof(float) * 9 * xs), *ym[J], *y1;
+
+        assert_non_null(x);
+        tu_randf(x, 9 * xs, 900);
+        for (int i = 0; i < J; i++) {
+                int type = i < J - 2 ? weight_types[i / 2] : MO_TYPE_F32;
+                int64_t nrows = 3 + 7 * i % 29, m = i == J - 1 ? 0 : 1 + i / 2 % 8;
+
+                tw_make(&t[i], type, nrows, ncols, 0, 901 + i);
+                ym[i] = malloc(sizeof(float) * (size_t)(9 * nrows));
+                /* Jobs 2k and 2k+1 read the same x (the F32 pair: rows 0
+                 * and 1 of it). */
+                jobs[i] = (mo_matmul_job){ &t[i].w, x + (type == MO_TYPE_F32 ? i % 2 : 0) * xs, xs,
+                                           ym[i], nrows, m };
+        }
+        y1 = malloc(sizeof(float) * 9 * 32);
+        for (int l = 0; l < n_levels(); l++)
+                for (int th = 1; th <= 3; th++) {
+                        for (int i = 0; i < J; i++)
+                                for (int64_t k = 0; k < 9 * t[i].w.nrows; k++)
+                                        ym[i][k] = -7.0f;
+                        be(l, th)->ops->matmul_many(be(l, th), jobs, J);
+                        for (int i = 0; i < J; i++) {
+                                size_t bytes = sizeof(float) * (size_t)(jobs[i].m * t[i].w.nrows);
+
+                                be(l, th)->ops->matmul(be(l, th), &t[i].w, jobs[i].x, xs, y1,
+                                                       t[i].w.nrows, jobs[i].m);
+                                if (bytes && memcmp(y1, ym[i], bytes))
+                                        fail_msg("%s, %d threads, job %d (%s, m=%lld) differs",
+                                                 mo_simd_name((enum mo_simd)l), th, i,
+                                                 mo_type_name(t[i].w.type), (long long)jobs[i].m);
+                                assert_true(ym[i][jobs[i].m * t[i].w.nrows] == -7.0f);
+                        }
+                }
+        for (int i = 0; i < J; i++) {
+                tw_free(&t[i]);
+                free(ym[i]);
+        }
+        free(y1);
+        free(x);
+}
+
+/* One job that cannot run poisons every job's output and runs none. */
+static void matmul_many_rejects_a_bad_job_with_nan_everywhere(void **state)
+{
+        uint8_t data[20 * 4] = {0};
+        mo_weight bad = { .type = MO_TYPE_Q4_1, .ncols = 32, .nrows = 4, .row_bytes = 20,
+                          .data = data };
+        struct tw good;
+        float x[32] = {0}, y[2][4] = {{0}};
+        mo_matmul_job jobs[2] = { { &good.w, x, 32, y[0], 4, 1 }, { &bad, x, 32, y[1], 4, 1 } };
+
+        tw_make(&good, MO_TYPE_Q8_0, 4, 32, 0, 950);
+        be(0, 1)->ops->matmul_many(be(0, 1), jobs, 2);
+        for (int i = 0; i < 4; i++)
+                assert_true(isnan(y[0][i]) && isnan(y[1][i]));
+        tw_free(&good);
+}
+
 static void matmul_rejects_uncomputable_type_with_nan(void **state)
 {
         uint8_t data[20 * 4] = {0};
@@ -1098,6 +1166,8 @@ int main(void)
                 cmocka_unit_test(matmul_splits_large_weights_without_changing_bits),
                 cmocka_unit_test(matmul_batch_rows_equal_single_rows_with_strides),
                 cmocka_unit_test(matmul_rejects_uncomputable_type_with_nan),
+                cmocka_unit_test(matmul_many_equals_one_matmul_per_job),
+                cmocka_unit_test(matmul_many_rejects_a_bad_job_with_nan_everywhere),
                 cmocka_unit_test(get_rows_dequantizes_the_chosen_rows),
                 cmocka_unit_test(rmsnorm_matches_reference_in_place_and_strided),
                 cmocka_unit_test(rope_rotates_adjacent_pairs_by_hand),

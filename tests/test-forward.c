@@ -616,6 +616,30 @@ static void forward_batch_matches_each_alone(void **state)
         eng_close(&g);
 }
 
+/* The experts of a layer go in waves of at most pair_cap (token, expert)
+ * pairs; the smallest wave gives the bits of the default single wave. */
+static void forward_expert_waves_do_not_change_logits(void **state)
+{
+        struct eng g = {0};
+        int32_t t[N_TOK];
+        float *one, *many;
+        int64_t V;
+
+        (void)state;
+        eng_open(&g, tu_fixture("tiny", MO_TYPE_Q8_0, false), 2, N_TOK);
+        V = g.m->hp.n_vocab;
+        tokens(t, N_TOK, V, 9);
+        assert_true(g.m->hp.n_expert_used > 1);
+        assert_int_equal(fwd_set_wave_pairs(g.f, 1 << 20), N_TOK * g.m->hp.n_expert_used);
+        one = eng_run(&g, t, N_TOK, N_TOK);
+        assert_int_equal(fwd_set_wave_pairs(g.f, 1), N_TOK); /* clamped to max_tokens */
+        many = eng_run(&g, t, N_TOK, N_TOK);
+        assert_memory_equal(one, many, N_TOK * V * sizeof(float));
+        free(one);
+        free(many);
+        eng_close(&g);
+}
+
 /* The result does not depend on the number of worker threads. */
 static void forward_is_identical_across_thread_counts(void **state)
 {
@@ -888,6 +912,7 @@ int main(void)
                 cmocka_unit_test(forward_absorbed_equals_decompressed),
                 cmocka_unit_test(forward_prefill_equals_token_by_token),
                 cmocka_unit_test(forward_batch_matches_each_alone),
+                cmocka_unit_test(forward_expert_waves_do_not_change_logits),
                 cmocka_unit_test(forward_is_identical_across_thread_counts),
                 cmocka_unit_test(forward_rejects_bad_batches),
                 cmocka_unit_test(forward_sharded_equals_unsharded),

@@ -25,6 +25,7 @@ struct cpu_ctx {
         struct mo_pool *pool;
         const struct mo_cpu_kernels *k;
         struct mo_cpu_scratch act;       /* quantized activations, rope tables */
+        struct mo_cpu_scratch plan;      /* a matmul call's task lists */
         struct mo_cpu_scratch *per_thread; /* attention scores and queries */
 };
 
@@ -103,12 +104,25 @@ static void cpu_matmul(mo_backend *b, const mo_weight *w, const float *x, int64_
                        float *y, int64_t y_stride, int64_t m)
 {
         struct cpu_ctx *c = ctx_of(b);
-        int r = mo_cpu_matmul(c->pool, c->k, &c->act, w, x, x_stride, y, y_stride, m);
+        int r = mo_cpu_matmul(c->pool, c->k, &c->act, &c->plan, w, x, x_stride, y, y_stride, m);
 
         if (r < 0) {
                 report_once("matmul", r);
                 for (int64_t i = 0; i < m; i++)
                         fill_nan(y + i * y_stride, w->nrows);
+        }
+}
+
+static void cpu_matmul_many(mo_backend *b, const mo_matmul_job *jobs, int n)
+{
+        struct cpu_ctx *c = ctx_of(b);
+        int r = mo_cpu_matmul_many(c->pool, c->k, &c->act, &c->plan, jobs, n);
+
+        if (r < 0) {
+                report_once("matmul_many", r);
+                for (int j = 0; j < n; j++)
+                        for (int64_t i = 0; i < jobs[j].m; i++)
+                                fill_nan(jobs[j].y + i * jobs[j].y_stride, jobs[j].w->nrows);
         }
 }
 
@@ -483,6 +497,7 @@ static void cpu_destroy(mo_backend *b)
                 mo_cpu_scratch_release(&c->per_thread[t]);
         mo_pool_free(c->pool);
         mo_cpu_scratch_release(&c->act);
+        mo_cpu_scratch_release(&c->plan);
         free(c->per_thread);
         free(c);
 }
@@ -497,6 +512,7 @@ static const struct mo_backend_ops cpu_ops = {
         .zero = cpu_zero,
         .copy = cpu_memcpy,
         .matmul = cpu_matmul,
+        .matmul_many = cpu_matmul_many,
         .get_rows = cpu_get_rows,
         .rmsnorm = cpu_rmsnorm,
         .rope = cpu_rope,
