@@ -515,28 +515,28 @@ void mo_quantize_q8_k_avx2(const float *x, block_q8_k *y, int64_t n)
 
 /* Rows in fours and activations in NC_MAX at a time; the four weight rows
  * stay in L1 while the activations sweep past. */
+/* As in dot-avx512.c: four rows at a time only when NC_MAX activation
+ * rows reuse each weight load; fewer stream one row at a time, the only
+ * pattern the hardware prefetchers follow at full speed. */
+#define GEMM_ROWS(kind, R)                                                               \
+        for (; r + (R) <= nr; r += (R)) {                                                \
+                for (c = 0; c + NC_MAX <= nc; c += NC_MAX)                               \
+                        tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,             \
+                                    y + c * ys + r, ys, R, NC_MAX);                      \
+                for (; c < nc; c++)                                                      \
+                        tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,             \
+                                    y + c * ys + r, ys, R, 1);                           \
+        }
+
 #define GEMM(kind)                                                                       \
         static void gemm_##kind(int64_t n, const void *w, size_t ws, int64_t nr,         \
                                 const void *a, size_t as, int64_t nc, float *y,          \
                                 int64_t ys)                                              \
         {                                                                                \
                 int64_t r = 0, c;                                                        \
-                for (; r + 4 <= nr; r += 4) {                                            \
-                        for (c = 0; c + NC_MAX <= nc; c += NC_MAX)                       \
-                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
-                                            y + c * ys + r, ys, 4, NC_MAX);              \
-                        for (; c < nc; c++)                                              \
-                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
-                                            y + c * ys + r, ys, 4, 1);                   \
-                }                                                                        \
-                for (; r < nr; r++) {                                                    \
-                        for (c = 0; c + NC_MAX <= nc; c += NC_MAX)                       \
-                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
-                                            y + c * ys + r, ys, 1, NC_MAX);              \
-                        for (; c < nc; c++)                                              \
-                                tile_##kind(n, ROW(w, r, ws), ws, ROW(a, c, as), as,     \
-                                            y + c * ys + r, ys, 1, 1);                   \
-                }                                                                        \
+                if (nc >= NC_MAX)                                                        \
+                        GEMM_ROWS(kind, 4)                                               \
+                GEMM_ROWS(kind, 1)                                                       \
         }
 
 GEMM(F32)
