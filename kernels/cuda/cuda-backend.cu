@@ -627,6 +627,9 @@ static const struct mo_backend_ops cuda_ops = {
         .zero = cuda_zero,
         .copy = cuda_copy,
         .matmul = cuda_op_matmul,
+        /* The engine calls matmul per job; grouped expert GEMMs would go
+         * here (issue 5). */
+        .matmul_many = nullptr,
         .get_rows = cuda_op_get_rows,
         .rmsnorm = cuda_op_rmsnorm,
         .rope = cuda_op_rope,
