@@ -322,9 +322,10 @@ static void avx512_vnni_kernels_equal_plain_avx512_bits(void **state)
         for (size_t i = 0; i < N_TYPES; i++) {
                 int type = weight_types[i];
                 int64_t n = block_of(type) == 1 ? 100 : 5 * block_of(type) * (block_of(type) == 32 ? 3 : 1);
-                int64_t nr = 7, nc = 6;
+                /* 19 columns: the VNNI build runs its lanes kernel on 15 of them. */
+                int64_t nr = 7, nc = 19;
                 float *x = malloc(sizeof(float) * (size_t)(nc * n));
-                float y1[42], y2[42];
+                float y1[7 * 19], y2[7 * 19];
                 size_t as;
                 void *q;
                 struct tw t;
@@ -340,6 +341,58 @@ static void avx512_vnni_kernels_equal_plain_avx512_bits(void **state)
                 free(q);
                 free(x);
                 tw_free(&t);
+        }
+}
+
+/* Every kernel sums each output in one order whatever the number of
+ * activation rows it gets at once, so column c of a wide call has the bits
+ * of column c alone. The sizes cross every boundary the AVX-512 Q8_0
+ * kernels have: the row kernel below 8 columns and the lanes kernel's
+ * 15-lane tiles above, a last group of 16 blocks that is partial, the
+ * lanes pack's 32-block chunks, its 64-row blocks and its row pairs. */
+static void gemm_bits_do_not_depend_on_column_count(void **state)
+{
+        const int64_t ncs[] = { 2, 3, 7, 8, 9, 15, 16, 22, 23, 31, 33 };
+        const int64_t nr = 131;
+
+        for (int l = 0; l < n_levels(); l++) {
+                const struct mo_cpu_kernels *k = mo_cpu_kernels_at((enum mo_simd)l);
+
+                for (size_t i = 0; i < N_TYPES; i++) {
+                        int type = weight_types[i];
+                        int64_t b = block_of(type), n = b == 32 ? 37 * 32 : b == 1 ? 300 : 3 * b;
+                        int64_t mc = ncs[ARRAY_SIZE(ncs) - 1];
+                        float *x = malloc(sizeof(float) * (size_t)(mc * n));
+                        float *y = malloc(sizeof(float) * (size_t)(mc * nr)), *y1 = malloc(sizeof(float) * (size_t)nr);
+                        size_t as;
+                        void *q;
+                        struct tw t;
+
+                        assert_non_null(x);
+                        assert_non_null(y);
+                        assert_non_null(y1);
+                        tw_make(&t, type, nr, n, 0, 600 + i);
+                        tu_randf(x, (size_t)(mc * n), 601 + i);
+                        q = quantize_acts(type, x, mc, n, &as);
+                        for (size_t j = 0; j < ARRAY_SIZE(ncs); j++) {
+                                int64_t nc = ncs[j];
+
+                                k->gemm[type](n, t.data, t.w.row_bytes, nr, q, as, nc, y, nr);
+                                for (int64_t c = 0; c < nc; c++) {
+                                        k->gemm[type](n, t.data, t.w.row_bytes, nr, (const uint8_t *)q + c * as,
+                                                      as, 1, y1, nr);
+                                        if (memcmp(y1, y + c * nr, sizeof(float) * (size_t)nr))
+                                                fail_msg("%s %s: column %lld of %lld differs from it alone",
+                                                         mo_simd_name(k->level), mo_type_name(type),
+                                                         (long long)c, (long long)nc);
+                                }
+                        }
+                        free(q);
+                        free(x);
+                        free(y);
+                        free(y1);
+                        tw_free(&t);
+                }
         }
 }
 
@@ -1162,6 +1215,7 @@ int main(void)
                 cmocka_unit_test(integer_dots_are_exact_with_unit_scales),
                 cmocka_unit_test(activation_quantizers_match_reference_bit_for_bit),
                 cmocka_unit_test(avx512_vnni_kernels_equal_plain_avx512_bits),
+                cmocka_unit_test(gemm_bits_do_not_depend_on_column_count),
                 cmocka_unit_test(matmul_matches_reference_for_every_type_level_and_batch),
                 cmocka_unit_test(matmul_splits_large_weights_without_changing_bits),
                 cmocka_unit_test(matmul_batch_rows_equal_single_rows_with_strides),

@@ -2,12 +2,14 @@
  * those flags and only called after cpuid says the CPU has them.
  * Same tile scheme as dot-avx2.c with 512-bit vectors: 32-blocks go two at a
  * time, K-quant sub-blocks 64 values at a time, and 32 registers allow
- * 4 x 4 tiles for prefill. dot-avx512-vnni.c compiles this file again
+ * 4 x 4 tiles for prefill. Q8_0 weights, the common 8-bit files, have
+ * their own kernels in dot-avx512-q8.h. dot-avx512-vnni.c compiles this file again
  * with VNNI, whose dpbusd/dpwssd fuse two or three steps of the integer
  * dot; both builds give the same bits. */
 #include <immintrin.h>
 #include <string.h>
 
+#include "common/cleanup.h"
 #include "kernels/cpu/dot.h"
 #include "kernels/cpu/dot-impl.h"
 
@@ -98,9 +100,9 @@ F_TILE(F32)
 F_TILE(F16)
 F_TILE(BF16)
 
-/* ---- Q8_0, Q4_0, Q5_0 weights x Q8_0 activations, two blocks a step ------- */
+/* ---- Q4_0, Q5_0 weights x Q8_0 activations, two blocks a step ------------ */
 
-enum qkind { Q_8_0, Q_4_0, Q_5_0 };
+enum qkind { Q_4_0, Q_5_0 };
 
 /* 16 bytes of nibbles as 32 values: low nibbles first. */
 TILE_INLINE __m256i nibbles32(const uint8_t *qs)
@@ -122,8 +124,6 @@ TILE_INLINE __m256i q5_0_bytes(const block_q5_0 *b)
 
 TILE_INLINE __m256i q32_weight(const uint8_t *wb, enum qkind k)
 {
-        if (k == Q_8_0)
-                return _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)wb)->qs);
         if (k == Q_4_0)
                 return nibbles32(((const block_q4_0 *)wb)->qs);
         return q5_0_bytes((const block_q5_0 *)wb);
@@ -146,16 +146,14 @@ TILE_INLINE __m512 scale_pair_f32(const uint8_t *blk0, size_t bsz, const bool tw
 
 /* One step of two blocks (or one, when `two` is false, paired with zeros of
  * scale 0). The integer lanes are exact sums of four products either way:
- * with VNNI, dpbusd on (activation + 128) x signed weight with -128 x sum(w)
- * preloaded (Q8_0), or unsigned weight x activation with -bias x sum(a)
- * preloaded (Q4_0/Q5_0); without, maddubs/madd as in the AVX2 kernels. The
- * lanes group the same four values in both, so the bits agree. */
+ * with VNNI, dpbusd on unsigned weight x activation with -bias x sum(a)
+ * preloaded; without, maddubs/madd as in the AVX2 kernels. The lanes group
+ * the same four values in both, so the bits agree. */
 TILE_INLINE void q32_step(const uint8_t *w, size_t ws, const uint8_t *a, size_t as,
                           int64_t b, enum qkind k, const bool two, __m512 acc[4][NC_MAX],
                           const int NR, const int NC)
 {
-        const size_t bsz = k == Q_8_0 ? sizeof(block_q8_0) :
-                           k == Q_4_0 ? sizeof(block_q4_0) : sizeof(block_q5_0);
+        const size_t bsz = k == Q_4_0 ? sizeof(block_q4_0) : sizeof(block_q5_0);
         const __m512i bias = _mm512_set1_epi8(k == Q_4_0 ? 8 : 16);
         __m512i av[NC_MAX], off[NC_MAX];
         __m512 ad[NC_MAX];
@@ -169,15 +167,10 @@ TILE_INLINE void q32_step(const uint8_t *w, size_t ws, const uint8_t *a, size_t 
                 av[c] = join256(a0, a1);
                 ad[c] = scale_pair_f32((const uint8_t *)ab, sizeof *ab, two);
 #ifdef __AVX512VNNI__
-                if (k == Q_8_0)
-                        av[c] = _mm512_xor_si512(av[c], _mm512_set1_epi8((char)0x80));
-                else
-                        off[c] = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                                  _mm512_dpbusd_epi32(_mm512_setzero_si512(),
-                                                                      bias, av[c]));
+                off[c] = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                          _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, av[c]));
 #else
-                if (k != Q_8_0)
-                        off[c] = _mm512_maddubs_epi16(bias, av[c]);
+                off[c] = _mm512_maddubs_epi16(bias, av[c]);
 #endif
         }
         for (int r = 0; r < NR; r++) {
@@ -185,32 +178,13 @@ TILE_INLINE void q32_step(const uint8_t *w, size_t ws, const uint8_t *a, size_t 
                 __m512 wd = scale_pair_f32(wb, bsz, two);
                 __m512i wv = join256(q32_weight(wb, k),
                                      two ? q32_weight(wb + bsz, k) : _mm256_setzero_si256());
-#ifdef __AVX512VNNI__
-                __m512i negw = _mm512_setzero_si512();
-
-                if (k == Q_8_0)
-                        negw = _mm512_sub_epi32(negw, _mm512_dpbusd_epi32(
-                                negw, _mm512_set1_epi8((char)0x80), wv));
-#else
-                __m512i wu = k == Q_8_0 ? _mm512_abs_epi8(wv) : wv;
-                __mmask64 neg = _mm512_movepi8_mask(wv);
-#endif
                 for (int c = 0; c < NC; c++) {
                         __m512i p;
 #ifdef __AVX512VNNI__
-                        if (k == Q_8_0)
-                                p = _mm512_dpbusd_epi32(negw, av[c], wv);
-                        else
-                                p = _mm512_dpbusd_epi32(off[c], wv, av[c]);
+                        p = _mm512_dpbusd_epi32(off[c], wv, av[c]);
 #else
-                        if (k == Q_8_0) {
-                                __m512i sg = _mm512_mask_sub_epi8(av[c], neg,
-                                                                  _mm512_setzero_si512(), av[c]);
-                                p = dot_u8s8(wu, sg);
-                        } else {
-                                p = _mm512_sub_epi16(_mm512_maddubs_epi16(wv, av[c]), off[c]);
-                                p = _mm512_madd_epi16(p, _mm512_set1_epi16(1));
-                        }
+                        p = _mm512_sub_epi16(_mm512_maddubs_epi16(wv, av[c]), off[c]);
+                        p = _mm512_madd_epi16(p, _mm512_set1_epi16(1));
 #endif
                         acc[r][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, ad[c]),
                                                     _mm512_cvtepi32_ps(p), acc[r][c]);
@@ -245,9 +219,10 @@ TILE_INLINE void q32_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t 
         {                                                                              \
                 q32_tile(n, w, ws, a, as, y, ys, Q_##kind, NR, NC);                    \
         }
-Q_TILE(8_0)
 Q_TILE(4_0)
 Q_TILE(5_0)
+
+#include "kernels/cpu/dot-avx512-q8.h"
 
 /* ---- K-quant weights x Q8_K activations ----------------------------------- */
 
@@ -459,7 +434,6 @@ TILE_INLINE void tile_Q6_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t
 GEMM(F32)
 GEMM(F16)
 GEMM(BF16)
-GEMM(Q8_0)
 GEMM(Q4_0)
 GEMM(Q5_0)
 GEMM(Q4_K)

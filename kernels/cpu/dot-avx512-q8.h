@@ -1,0 +1,341 @@
+/* dot-avx512-q8.h: the AVX-512 Q8_0 x Q8_0 kernels, included by
+ * dot-avx512.c (and so built with and without VNNI). Private to it.
+ *
+ * Each output is summed in one fixed order, whatever the batch:
+ *   idot(b)  = the exact integer dot of block b (32 products);
+ *   chain s  = for each group of 16 blocks in turn, blocks 4s..4s+3 of the
+ *              group in ascending order: acc_s = fma(idot, d_w * d_x, acc_s);
+ *   y        = (acc_0 + acc_1) + (acc_2 + acc_3).
+ * Two kernels compute it. The row kernel streams one weight row at a time
+ * and vectorises over the 16 blocks of a group; it serves decode and any
+ * handful of activation rows. The lanes kernel (VNNI only) puts 15
+ * activation rows in the lanes of a vector and broadcasts the weights, so
+ * that each weight byte feeds 15 products per instruction and the float
+ * work of a block is shared by 15 outputs; it serves batches and prefill.
+ * On a 2-core Zen 4 it runs 1.5-1.8x the multiply-adds per second of the
+ * 4 x 4 tiles it replaced (tools/moed-bench, bench/results).
+ * Both give the same bits, so a sequence's logits do not depend on what it
+ * is batched with. */
+
+#define Q8_GROUP 16
+/* Fewer activation rows than this go through the row kernel: below it the
+ * lanes kernel's fixed cost per weight block outweighs its sharing. */
+#define Q8_LANES_MIN 8
+/* The lanes kernel's activation pack covers this many blocks and its
+ * accumulators this many weight rows (about 34 KiB of stack together). */
+#define Q8_PACK_BLOCKS 32
+#define Q8_PACK_ROWS 64
+
+/* The row kernel's reduction leaves block q + 4s of a group in lane 4q + s. */
+static const int32_t q8_lane_block[16] = { 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15 };
+
+TILE_INLINE __m512i q8_qs_pair(const block_q8_0 *b, int64_t left)
+{
+        __m256i lo = left > 0 ? _mm256_loadu_si256((const __m256i *)b[0].qs) : _mm256_setzero_si256();
+        __m256i hi = left > 1 ? _mm256_loadu_si256((const __m256i *)b[1].qs) : _mm256_setzero_si256();
+
+        return join256(lo, hi);
+}
+
+/* The 16 block scales of a group as floats, in the reduction's lane
+ * order; lanes past the row's end are 0 and read nothing. Scalar loads:
+ * a gather costs twice the rest of the row kernel on Zen 4. */
+TILE_INLINE __m512 q8_group_scales(const block_q8_0 *g, int64_t left)
+{
+        uint16_t h[16];
+
+        for (int j = 0; j < 16; j++)
+                h[j] = q8_lane_block[j] < left ? g[q8_lane_block[j]].d : 0;
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+}
+
+/* Sums the eight partial lanes of each block: p[i] holds blocks 2i and
+ * 2i+1 of the group in its low and high halves. */
+TILE_INLINE __m512i q8_reduce(const __m512i p[8])
+{
+        __m512i a[4], b[2];
+
+        for (int i = 0; i < 4; i++)
+                a[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(p[2 * i], p[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_i32x4(p[2 * i], p[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+        for (int i = 0; i < 2; i++)
+                b[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]),
+                                        _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+        return _mm512_add_epi32(_mm512_unpacklo_epi64(b[0], b[1]), _mm512_unpackhi_epi64(b[0], b[1]));
+}
+
+/* Products of four signed bytes, as the sign-moved unsigned x signed
+ * form that neither dpbusd nor maddubs can overflow (|w| <= 128, |x| <= 127). */
+TILE_INLINE __m512i q8_dot4(__m512i wabs, __mmask64 wneg, __m512i x)
+{
+        __m512i sx = _mm512_mask_sub_epi8(x, wneg, _mm512_setzero_si512(), x);
+#ifdef __AVX512VNNI__
+        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs, sx);
+#else
+        return dot_u8s8(wabs, sx);
+#endif
+}
+
+/* The chains' last step, in the fixed order. */
+TILE_INLINE float q8_chains_sum(__m128 acc)
+{
+        float a[4];
+
+        _mm_storeu_ps(a, acc);
+        return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+/* One group of 16 blocks (fewer at the row's end) of one weight row
+ * against cn activation rows, each into its own four chains. */
+TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, int64_t cn,
+                              const __m512 *xs, int64_t ng, int64_t g, int64_t left,
+                              __m128 *acc, const bool full)
+{
+        __m512i wabs[8];
+        __mmask64 wneg[8];
+        __m512 dw = q8_group_scales(w + g, full ? 16 : left);
+
+        for (int i = 0; i < 8; i++) {
+                __m512i q = q8_qs_pair(w + g + 2 * i, full ? 2 : left - 2 * i);
+
+                wabs[i] = _mm512_abs_epi8(q);
+                wneg[i] = _mm512_movepi8_mask(q);
+        }
+        for (int64_t c = 0; c < cn; c++) {
+                const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + g;
+                __m512i p[8];
+                __m512 f, s;
+
+                for (int i = 0; i < 8; i++)
+                        p[i] = q8_dot4(wabs[i], wneg[i], q8_qs_pair(x + 2 * i, full ? 2 : left - 2 * i));
+                f = _mm512_cvtepi32_ps(q8_reduce(p));
+                s = _mm512_mul_ps(dw, xs ? xs[c * ng + g / Q8_GROUP] : q8_group_scales(x, full ? 16 : left));
+                if (full) {
+                        acc[c] = _mm_fmadd_ps(_mm512_castps512_ps128(f), _mm512_castps512_ps128(s), acc[c]);
+                        acc[c] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 1), _mm512_extractf32x4_ps(s, 1), acc[c]);
+                        acc[c] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 2), _mm512_extractf32x4_ps(s, 2), acc[c]);
+                        acc[c] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 3), _mm512_extractf32x4_ps(s, 3), acc[c]);
+                } else {
+                        /* Lane l of quarter q is block q + 4l; absent blocks leave their chain alone. */
+                        float fq[16], sq[16];
+
+                        _mm512_storeu_ps(fq, f);
+                        _mm512_storeu_ps(sq, s);
+                        for (int q = 0; q < 4; q++) {
+                                __mmask8 m = 0;
+
+                                for (int l = 0; l < 4; l++)
+                                        if (q + 4 * l < left)
+                                                m |= (__mmask8)(1u << l);
+                                acc[c] = _mm_mask3_fmadd_ps(_mm_loadu_ps(fq + 4 * q), _mm_loadu_ps(sq + 4 * q), acc[c], m);
+                        }
+                }
+        }
+}
+
+/* One weight row against cn activation rows (at most Q8_LANES_MIN - 1);
+ * xs holds each activation row's group scales (q8_group_scales) one after
+ * another, ng groups each, or is NULL to take them as it goes. */
+static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as, int64_t cn,
+                   const __m512 *xs, int64_t ng, float *y, int64_t ys)
+{
+        __m128 acc[Q8_LANES_MIN - 1];
+        int64_t g = 0;
+
+        for (int64_t c = 0; c < cn; c++)
+                acc[c] = _mm_setzero_ps();
+        for (; g + Q8_GROUP <= nb; g += Q8_GROUP)
+                q8_row_group(w, a, as, cn, xs, ng, g, Q8_GROUP, acc, true);
+        if (g < nb)
+                q8_row_group(w, a, as, cn, xs, ng, g, nb - g, acc, false);
+        for (int64_t c = 0; c < cn; c++)
+                y[c * ys] = q8_chains_sum(acc[c]);
+}
+
+#ifdef __AVX512VNNI__
+/* One block of up to 15 activation rows with the rows in the lanes: q[t]
+ * lane c is bytes 4t..4t+3 of row c plus 128 each (the unsigned side of
+ * dpbusd, so that the signed weights can be broadcast from memory), d lane
+ * c the row's block scale. Lane 15 holds quants of 0, so its dot is 128 x
+ * the sum of the weights: the offset to take off every other lane. */
+struct q8_lanes_block {
+        __m512i q[8];
+        __m512 d;
+};
+
+#define Q8_LANES 15
+
+/* Transposes one block of rows [0, nt) into the lanes. Loading rows c and
+ * c + 4 into the halves of z[c] (and 8 + c, 12 + c into z[4 + c]) makes
+ * three rounds of unpacks and one of 128-bit shuffles leave row order. */
+static void q8_pack_block(struct q8_lanes_block *out, const uint8_t *a, size_t as, int nt,
+                          int64_t b, __m512i gidx, __mmask16 live)
+{
+        static const int8_t zero[32];
+        __m512i z[8], t[8], u[8];
+
+        for (int i = 0; i < 8; i++) {
+                int c0 = i < 4 ? i : i + 4, c1 = c0 + 4;
+                const void *p0 = c0 < nt ? ((const block_q8_0 *)(a + (size_t)c0 * as) + b)->qs : (const void *)zero;
+                const void *p1 = c1 < nt ? ((const block_q8_0 *)(a + (size_t)c1 * as) + b)->qs : (const void *)zero;
+
+                z[i] = join256(_mm256_loadu_si256(p0), _mm256_loadu_si256(p1));
+        }
+        for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm512_unpacklo_epi32(z[i], z[i + 1]);
+                t[i + 1] = _mm512_unpackhi_epi32(z[i], z[i + 1]);
+        }
+        for (int h = 0; h < 8; h += 4) {
+                u[h + 0] = _mm512_unpacklo_epi64(t[h + 0], t[h + 2]);
+                u[h + 1] = _mm512_unpackhi_epi64(t[h + 0], t[h + 2]);
+                u[h + 2] = _mm512_unpacklo_epi64(t[h + 1], t[h + 3]);
+                u[h + 3] = _mm512_unpackhi_epi64(t[h + 1], t[h + 3]);
+        }
+        for (int d = 0; d < 4; d++) {
+                out->q[d] = _mm512_shuffle_i32x4(u[d], u[d + 4], _MM_SHUFFLE(2, 0, 2, 0));
+                out->q[d + 4] = _mm512_shuffle_i32x4(u[d], u[d + 4], _MM_SHUFFLE(3, 1, 3, 1));
+        }
+        for (int d = 0; d < 8; d++)
+                out->q[d] = _mm512_xor_si512(out->q[d], _mm512_set1_epi8((char)0x80));
+        out->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_mask_i32gather_epi32(
+                _mm512_setzero_si512(), live, gidx, a + (size_t)b * sizeof(block_q8_0), 1)));
+}
+
+/* One block of `rows` (1 or 2) weight rows at w, ws apart, with every
+ * lane's block: the lanes' quants are loaded once for both rows. */
+TILE_INLINE void q8_lanes_step(const block_q8_0 *w, size_t ws, const struct q8_lanes_block *x,
+                               __m512 *acc0, __m512 *acc1, const int rows)
+{
+        const __m512i last = _mm512_set1_epi32(15);
+        __m512i xq[8];
+        __m512 *acc[2] = { acc0, acc1 };
+
+        for (int t = 0; t < 8; t++)
+                xq[t] = _mm512_load_si512(&x->q[t]);
+        for (int r = 0; r < rows; r++) {
+                const block_q8_0 *wb = (const block_q8_0 *)((const uint8_t *)w + r * ws);
+                const uint8_t *q = (const uint8_t *)wb->qs;
+                __m512i s[4] = { _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                                 _mm512_setzero_si512() };
+                __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_to_f32(wb->d)), x->d);
+
+                /* Four short integer chains rather than one long one. */
+                for (int t = 0; t < 8; t++)
+                        s[t % 4] = _mm512_dpbusd_epi32(s[t % 4], xq[t], _mm512_set1_epi32((int)mo_load_u32le(q + 4 * t)));
+                s[0] = _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]));
+                s[0] = _mm512_sub_epi32(s[0], _mm512_permutexvar_epi32(last, s[0]));
+                *acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), sc, *acc[r]);
+        }
+}
+
+/* The weight rows w (and w + ws when rows is 2) over blocks [0, bn) of
+ * the pack, continuing the chains in acc[row][chain]. bn counts from a
+ * multiple of 16, so block b's chain is (b % 16) / 4. */
+TILE_INLINE void q8_lanes_rows(const block_q8_0 *w, size_t ws, const struct q8_lanes_block *pk,
+                               int64_t bn, __m512 acc[2][4], const int rows)
+{
+        int64_t b = 0;
+
+        /* The four chains take turns so that no step waits on the one
+         * before it; each still sees its blocks in order. */
+        for (; b + Q8_GROUP <= bn; b += Q8_GROUP)
+                for (int q = 0; q < 4; q++)
+                        for (int s = 0; s < 4; s++)
+                                q8_lanes_step(w + b + 4 * s + q, ws, &pk[b + 4 * s + q],
+                                              &acc[0][s], &acc[1][s], rows);
+        for (; b < bn; b++)
+                q8_lanes_step(w + b, ws, &pk[b], &acc[0][b % 16 / 4], &acc[1][b % 16 / 4], rows);
+}
+
+/* nr weight rows against nt <= Q8_LANES activation rows. */
+static void q8_lanes(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a,
+                     size_t as, int nt, float *y, int64_t ys)
+{
+        struct q8_lanes_block pk[Q8_PACK_BLOCKS];
+        __m512 keep[Q8_PACK_ROWS][4];
+        const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32((int)as));
+        const __mmask16 live = (__mmask16)((1u << nt) - 1);
+
+        for (int64_t r0 = 0; r0 < nr; r0 += Q8_PACK_ROWS) {
+                int64_t rn = MO_MIN(nr - r0, Q8_PACK_ROWS);
+
+                for (int64_t b0 = 0; b0 < nb; b0 += Q8_PACK_BLOCKS) {
+                        int64_t bn = MO_MIN(nb - b0, Q8_PACK_BLOCKS);
+
+                        for (int64_t b = 0; b < bn; b++)
+                                q8_pack_block(&pk[b], a, as, nt, b0 + b, gidx, live);
+                        for (int64_t r = 0; r < rn; r += 2) {
+                                const block_q8_0 *wr = (const block_q8_0 *)(w + (size_t)(r0 + r) * ws) + b0;
+                                const int rows = rn - r >= 2 ? 2 : 1;
+                                __m512 acc[2][4];
+
+                                for (int i = 0; i < rows; i++)
+                                        for (int s = 0; s < 4; s++)
+                                                acc[i][s] = b0 ? keep[r + i][s] : _mm512_setzero_ps();
+                                if (rows == 2)
+                                        q8_lanes_rows(wr, ws, pk, bn, acc, 2);
+                                else
+                                        q8_lanes_rows(wr, ws, pk, bn, acc, 1);
+                                for (int i = 0; i < rows; i++) {
+                                        if (b0 + bn < nb) {
+                                                for (int s = 0; s < 4; s++)
+                                                        keep[r + i][s] = acc[i][s];
+                                        } else {
+                                                float out[16];
+
+                                                _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]),
+                                                                                    _mm512_add_ps(acc[i][2], acc[i][3])));
+                                                for (int c = 0; c < nt; c++)
+                                                        y[c * ys + r0 + r + i] = out[c];
+                                        }
+                                }
+                        }
+                }
+        }
+}
+#endif
+
+/* The row kernel over nr weight rows, each activation row's scales taken
+ * out once for all of them, as many rows at a time as fit the stack. */
+static void q8_rows(int64_t nb, const void *w, size_t ws, int64_t nr, const uint8_t *a,
+                    size_t as, int64_t nc, float *y, int64_t ys)
+{
+        enum { XS_GROUPS = 64 };
+        const int64_t ng = (nb + Q8_GROUP - 1) / Q8_GROUP;
+        __m512 xs[XS_GROUPS];
+        /* Past 64 groups (k over 32768) the scales come per use instead. */
+        const int64_t per = MO_MIN(ng <= XS_GROUPS ? MO_MAX(XS_GROUPS / MO_MAX(ng, 1), 1) : 1,
+                                   Q8_LANES_MIN - 1);
+
+        for (int64_t c0 = 0; c0 < nc; c0 += per) {
+                int64_t cn = MO_MIN(nc - c0, per);
+                const uint8_t *ac = a + (size_t)c0 * as;
+
+                if (ng <= XS_GROUPS)
+                        for (int64_t c = 0; c < cn; c++)
+                                for (int64_t g = 0; g < ng; g++)
+                                        xs[c * ng + g] = q8_group_scales((const block_q8_0 *)(ac + (size_t)c * as) + g * Q8_GROUP,
+                                                                         nb - g * Q8_GROUP);
+                for (int64_t r = 0; r < nr; r++)
+                        q8_row(nb, (const block_q8_0 *)((const uint8_t *)w + r * ws), ac, as, cn,
+                               ng <= XS_GROUPS ? xs : NULL, ng, y + c0 * ys + r, ys);
+        }
+}
+
+static void gemm_Q8_0(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as,
+                      int64_t nc, float *y, int64_t ys)
+{
+        const int64_t nb = n / QK8_0;
+        int64_t c = 0;
+
+#ifdef __AVX512VNNI__
+        /* The lanes' gather offsets are 32-bit. */
+        if (nb > 0 && as <= (size_t)INT32_MAX / 16)
+                for (; nc - c >= Q8_LANES_MIN; c += MO_MIN(nc - c, Q8_LANES))
+                        q8_lanes(nb, w, ws, nr, (const uint8_t *)a + c * as, as,
+                                 (int)MO_MIN(nc - c, Q8_LANES), y + c * ys, ys);
+#endif
+        if (c < nc)
+                q8_rows(nb, w, ws, nr, (const uint8_t *)a + c * as, as, nc - c, y + c * ys, ys);
+}
