@@ -88,7 +88,7 @@ TILE_INLINE float q8_chains_sum(__m128 acc)
 /* One group of 16 blocks (fewer at the row's end) of one weight row
  * against cn activation rows, each into its own four chains. */
 TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, int64_t cn,
-                              const __m512 *xs, int64_t ng, int64_t g, int64_t left,
+                              const __m512 *xs, const int8_t *xq, int64_t ng, int64_t g, int64_t left,
                               __m128 *acc, const bool full)
 {
         __m512i wabs[8];
@@ -107,7 +107,9 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
                 __m512 f, s;
 
                 for (int i = 0; i < 8; i++)
-                        p[i] = q8_dot4(wabs[i], wneg[i], q8_qs_pair(x + 2 * i, full ? 2 : left - 2 * i));
+                        p[i] = q8_dot4(wabs[i], wneg[i],
+                                       full && xq ? _mm512_loadu_si512(xq + (c * ng * Q8_GROUP + g + 2 * i) * QK8_0) :
+                                                    q8_qs_pair(x + 2 * i, full ? 2 : left - 2 * i));
                 f = _mm512_cvtepi32_ps(q8_reduce(p));
                 s = _mm512_mul_ps(dw, xs ? xs[c * ng + g / Q8_GROUP] : q8_group_scales(x, full ? 16 : left));
                 if (full) {
@@ -135,9 +137,10 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
 
 /* One weight row against cn activation rows (at most Q8_LANES_MIN - 1);
  * xs holds each activation row's group scales (q8_group_scales) one after
- * another, ng groups each, or is NULL to take them as it goes. */
+ * another, ng groups each, or is NULL to take them as it goes; xq, when not
+ * NULL, their quants without the scales between blocks, ng groups each. */
 static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as, int64_t cn,
-                   const __m512 *xs, int64_t ng, float *y, int64_t ys)
+                   const __m512 *xs, const int8_t *xq, int64_t ng, float *y, int64_t ys)
 {
         __m128 acc[Q8_LANES_MIN - 1];
         int64_t g = 0;
@@ -145,9 +148,9 @@ static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as,
         for (int64_t c = 0; c < cn; c++)
                 acc[c] = _mm_setzero_ps();
         for (; g + Q8_GROUP <= nb; g += Q8_GROUP)
-                q8_row_group(w, a, as, cn, xs, ng, g, Q8_GROUP, acc, true);
+                q8_row_group(w, a, as, cn, xs, xq, ng, g, Q8_GROUP, acc, true);
         if (g < nb)
-                q8_row_group(w, a, as, cn, xs, ng, g, nb - g, acc, false);
+                q8_row_group(w, a, as, cn, xs, xq, ng, g, nb - g, acc, false);
         for (int64_t c = 0; c < cn; c++)
                 y[c * ys] = q8_chains_sum(acc[c]);
 }
@@ -296,30 +299,35 @@ static void q8_lanes(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const 
 }
 #endif
 
-/* The row kernel over nr weight rows, each activation row's scales taken
- * out once for all of them, as many rows at a time as fit the stack. */
+/* The row kernel over nr weight rows, each activation row's scales and
+ * quants taken out once for all of them (no joining of two blocks' halves
+ * per use), as many activation rows at a time as fit the stack. */
 static void q8_rows(int64_t nb, const void *w, size_t ws, int64_t nr, const uint8_t *a,
                     size_t as, int64_t nc, float *y, int64_t ys)
 {
         enum { XS_GROUPS = 64 };
         const int64_t ng = (nb + Q8_GROUP - 1) / Q8_GROUP;
         __m512 xs[XS_GROUPS];
-        /* Past 64 groups (k over 32768) the scales come per use instead. */
-        const int64_t per = MO_MIN(ng <= XS_GROUPS ? MO_MAX(XS_GROUPS / MO_MAX(ng, 1), 1) : 1,
-                                   Q8_LANES_MIN - 1);
+        int8_t xq[XS_GROUPS * Q8_GROUP * QK8_0] __attribute__((aligned(64)));
+        /* Past 64 groups (k over 32768) the activations are read in place. */
+        const bool fit = ng <= XS_GROUPS;
+        const int64_t per = MO_MIN(fit ? MO_MAX(XS_GROUPS / MO_MAX(ng, 1), 1) : 1, Q8_LANES_MIN - 1);
 
         for (int64_t c0 = 0; c0 < nc; c0 += per) {
                 int64_t cn = MO_MIN(nc - c0, per);
                 const uint8_t *ac = a + (size_t)c0 * as;
 
-                if (ng <= XS_GROUPS)
-                        for (int64_t c = 0; c < cn; c++)
-                                for (int64_t g = 0; g < ng; g++)
-                                        xs[c * ng + g] = q8_group_scales((const block_q8_0 *)(ac + (size_t)c * as) + g * Q8_GROUP,
-                                                                         nb - g * Q8_GROUP);
+                for (int64_t c = 0; fit && c < cn; c++) {
+                        const block_q8_0 *x = (const block_q8_0 *)(ac + (size_t)c * as);
+
+                        for (int64_t g = 0; g < ng; g++)
+                                xs[c * ng + g] = q8_group_scales(x + g * Q8_GROUP, nb - g * Q8_GROUP);
+                        for (int64_t b = 0; b < nb; b++)
+                                memcpy(xq + (c * ng * Q8_GROUP + b) * QK8_0, x[b].qs, QK8_0);
+                }
                 for (int64_t r = 0; r < nr; r++)
                         q8_row(nb, (const block_q8_0 *)((const uint8_t *)w + r * ws), ac, as, cn,
-                               ng <= XS_GROUPS ? xs : NULL, ng, y + c0 * ys + r, ys);
+                               fit ? xs : NULL, fit ? xq : NULL, ng, y + c0 * ys + r, ys);
         }
 }
 
