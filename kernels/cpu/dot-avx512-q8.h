@@ -6,15 +6,17 @@
  *   chain s  = for each group of 16 blocks in turn, blocks 4s..4s+3 of the
  *              group in ascending order: acc_s = fma(idot, d_w * d_x, acc_s);
  *   y        = (acc_0 + acc_1) + (acc_2 + acc_3).
- * Two kernels compute it. The row kernel streams one weight row at a time
+ * Three kernels compute it. The row kernel streams one weight row at a time
  * and vectorises over the 16 blocks of a group; it serves decode and any
  * handful of activation rows. The lanes kernel (VNNI only) puts 15
  * activation rows in the lanes of a vector and broadcasts the weights, so
  * that each weight byte feeds 15 products per instruction and the float
  * work of a block is shared by 15 outputs; it serves batches and prefill.
- * On a 2-core Zen 4 it runs 1.5-1.8x the multiply-adds per second of the
- * 4 x 4 tiles it replaced (tools/moed-bench, bench/results).
- * Both give the same bits, so a sequence's logits do not depend on what it
+ * Rows of fewer than 16 blocks (the attention's per-head products) go to
+ * the short kernel, which puts 16 weight rows in the lanes instead.
+ * On a 2-core Zen 4 the lanes kernel runs 1.5-1.8x the multiply-adds per
+ * second of the 4 x 4 tiles it replaced (tools/moed-bench, bench/results).
+ * All give the same bits, so a sequence's logits do not depend on what it
  * is batched with. */
 
 #define Q8_GROUP 16
@@ -66,23 +68,60 @@ TILE_INLINE __m512i q8_reduce(const __m512i p[8])
 
 /* Products of four signed bytes, as the sign-moved unsigned x signed
  * form that neither dpbusd nor maddubs can overflow (|w| <= 128, |x| <= 127). */
-TILE_INLINE __m512i q8_dot4(__m512i wabs, __mmask64 wneg, __m512i x)
+TILE_INLINE __m512i q8_dot4(__m512i acc, __m512i wabs, __mmask64 wneg, __m512i x)
 {
         __m512i sx = _mm512_mask_sub_epi8(x, wneg, _mm512_setzero_si512(), x);
 #ifdef __AVX512VNNI__
-        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs, sx);
+        return _mm512_dpbusd_epi32(acc, wabs, sx);
 #else
-        return dot_u8s8(wabs, sx);
+        return _mm512_add_epi32(acc, dot_u8s8(wabs, sx));
 #endif
 }
 
 /* The chains' last step, in the fixed order. */
 TILE_INLINE float q8_chains_sum(__m128 acc)
 {
-        float a[4];
+        /* Lane 0 of s is a0 + a1, lane 2 a2 + a3. */
+        __m128 s = _mm_add_ps(acc, _mm_movehdup_ps(acc));
 
-        _mm_storeu_ps(a, acc);
-        return (a[0] + a[1]) + (a[2] + a[3]);
+        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehl_ps(s, s)));
+}
+
+/* Puts 32 bytes of each of 16 rows into the lanes: out[t] lane c is bytes
+ * 4t..4t+3 of row[c]. Loading rows c and c + 4 into the halves of z[c]
+ * (and 8 + c, 12 + c into z[4 + c]) makes three rounds of unpacks and one
+ * of 128-bit shuffles leave row order. Shared by the short-row and lanes
+ * kernels, and by dot-avx512-k4.h. */
+TILE_INLINE void lanes_transpose(const void *const row[16], __m512i out[8])
+{
+        __m512i z[8], t[8], u[8];
+
+        for (int i = 0; i < 8; i++) {
+                int c0 = i < 4 ? i : i + 4;
+
+                z[i] = join256(_mm256_loadu_si256(row[c0]), _mm256_loadu_si256(row[c0 + 4]));
+        }
+        for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm512_unpacklo_epi32(z[i], z[i + 1]);
+                t[i + 1] = _mm512_unpackhi_epi32(z[i], z[i + 1]);
+        }
+        for (int h = 0; h < 8; h += 4) {
+                u[h + 0] = _mm512_unpacklo_epi64(t[h + 0], t[h + 2]);
+                u[h + 1] = _mm512_unpackhi_epi64(t[h + 0], t[h + 2]);
+                u[h + 2] = _mm512_unpacklo_epi64(t[h + 1], t[h + 3]);
+                u[h + 3] = _mm512_unpackhi_epi64(t[h + 1], t[h + 3]);
+        }
+        for (int d = 0; d < 4; d++) {
+                out[d] = _mm512_shuffle_i32x4(u[d], u[d + 4], _MM_SHUFFLE(2, 0, 2, 0));
+                out[d + 4] = _mm512_shuffle_i32x4(u[d], u[d + 4], _MM_SHUFFLE(3, 1, 3, 1));
+        }
+}
+
+/* The chains (lanes l) of quarter q whose block q + 4l is one of the
+ * group's `left` blocks. */
+TILE_INLINE __mmask8 q8_quarter_live(int64_t left, int q)
+{
+        return (__mmask8)((1u << (left > q ? (left - q + 3) / 4 : 0)) - 1);
 }
 
 /* One group of 16 blocks (fewer at the row's end) of one weight row
@@ -107,7 +146,7 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
                 __m512 f, s;
 
                 for (int i = 0; i < 8; i++)
-                        p[i] = q8_dot4(wabs[i], wneg[i],
+                        p[i] = q8_dot4(_mm512_setzero_si512(), wabs[i], wneg[i],
                                        full && xq ? _mm512_loadu_si512(xq + (c * ng * Q8_GROUP + g + 2 * i) * QK8_0) :
                                                     q8_qs_pair(x + 2 * i, full ? 2 : left - 2 * i));
                 f = _mm512_cvtepi32_ps(q8_reduce(p));
@@ -119,18 +158,14 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
                         acc[c] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 3), _mm512_extractf32x4_ps(s, 3), acc[c]);
                 } else {
                         /* Lane l of quarter q is block q + 4l; absent blocks leave their chain alone. */
-                        float fq[16], sq[16];
-
-                        _mm512_storeu_ps(fq, f);
-                        _mm512_storeu_ps(sq, s);
-                        for (int q = 0; q < 4; q++) {
-                                __mmask8 m = 0;
-
-                                for (int l = 0; l < 4; l++)
-                                        if (q + 4 * l < left)
-                                                m |= (__mmask8)(1u << l);
-                                acc[c] = _mm_mask3_fmadd_ps(_mm_loadu_ps(fq + 4 * q), _mm_loadu_ps(sq + 4 * q), acc[c], m);
-                        }
+                        acc[c] = _mm_mask3_fmadd_ps(_mm512_castps512_ps128(f), _mm512_castps512_ps128(s), acc[c],
+                                                    q8_quarter_live(left, 0));
+                        acc[c] = _mm_mask3_fmadd_ps(_mm512_extractf32x4_ps(f, 1), _mm512_extractf32x4_ps(s, 1), acc[c],
+                                                    q8_quarter_live(left, 1));
+                        acc[c] = _mm_mask3_fmadd_ps(_mm512_extractf32x4_ps(f, 2), _mm512_extractf32x4_ps(s, 2), acc[c],
+                                                    q8_quarter_live(left, 2));
+                        acc[c] = _mm_mask3_fmadd_ps(_mm512_extractf32x4_ps(f, 3), _mm512_extractf32x4_ps(s, 3), acc[c],
+                                                    q8_quarter_live(left, 3));
                 }
         }
 }
@@ -155,6 +190,75 @@ static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as,
                 y[c * ys] = q8_chains_sum(acc[c]);
 }
 
+/* Rows shorter than a group (nb < 16), as in the attention's small
+ * per-head products, are too short to pay for the row kernel's reduction
+ * once per row. The short kernel puts 16 weight rows in the lanes instead
+ * (transposed once, shared by every activation row) and broadcasts the
+ * activations, so that a block's dot lands in one lane with nothing to
+ * reduce. Such rows lie next to each other, so 16 of them are one stream.
+ * Block b goes to chain b / 4 in ascending order, as in the row kernel. */
+struct q8_short_rows {
+        __m512i wabs[Q8_GROUP - 1][8]; /* |w| of block b, dword t in lane r */
+        __mmask64 wneg[Q8_GROUP - 1][8];
+        __m512 d[Q8_GROUP - 1];        /* lane r: row r's block scale */
+};
+
+static void q8_short_pack(struct q8_short_rows *out, int64_t nb, const uint8_t *w, size_t ws, int rn)
+{
+        static const int8_t zero[32];
+        const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32((int)ws));
+        const __mmask16 live = (__mmask16)((1u << rn) - 1);
+        const void *row[16];
+
+        for (int64_t b = 0; b < nb; b++) {
+                __m512i q[8];
+
+                for (int r = 0; r < 16; r++)
+                        row[r] = r < rn ? ((const block_q8_0 *)(w + (size_t)r * ws) + b)->qs : (const void *)zero;
+                lanes_transpose(row, q);
+                for (int t = 0; t < 8; t++) {
+                        out->wabs[b][t] = _mm512_abs_epi8(q[t]);
+                        out->wneg[b][t] = _mm512_movepi8_mask(q[t]);
+                }
+                out->d[b] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_mask_i32gather_epi32(
+                        _mm512_setzero_si512(), live, gidx, w + (size_t)b * sizeof(block_q8_0), 1)));
+        }
+}
+
+/* nr weight rows of nb < 16 blocks, ws <= INT32_MAX / 16 bytes apart. */
+static void q8_short(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a, size_t as,
+                     int64_t nc, float *y, int64_t ys)
+{
+        struct q8_short_rows wt;
+
+        for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+                const int rn = (int)MO_MIN(nr - r0, 16);
+
+                q8_short_pack(&wt, nb, w + (size_t)r0 * ws, ws, rn);
+                for (int64_t c = 0; c < nc; c++) {
+                        const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as);
+                        __m512 acc[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                                          _mm512_setzero_ps() };
+
+#pragma GCC unroll 4
+                        for (int ch = 0; ch < 4; ch++) {
+                                for (int64_t b = 4 * ch; b < MO_MIN(nb, 4 * ch + 4); b++) {
+                                        __m512i s = _mm512_setzero_si512();
+                                        __m512 sc = _mm512_mul_ps(wt.d[b], _mm512_set1_ps(half_to_f32(x[b].d)));
+
+                                        for (int t = 0; t < 8; t++)
+                                                s = q8_dot4(s, wt.wabs[b][t], wt.wneg[b][t],
+                                                            _mm512_set1_epi32((int)mo_load_u32le((const uint8_t *)x[b].qs + 4 * t)));
+                                        acc[ch] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[ch]);
+                                }
+                        }
+                        _mm512_mask_storeu_ps(y + c * ys + r0, (__mmask16)((1u << rn) - 1),
+                                              _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+                }
+        }
+}
+
 #ifdef __AVX512VNNI__
 /* One block of up to 15 activation rows with the rows in the lanes: q[t]
  * lane c is bytes 4t..4t+3 of row c plus 128 each (the unsigned side of
@@ -168,36 +272,17 @@ struct q8_lanes_block {
 
 #define Q8_LANES 15
 
-/* Transposes one block of rows [0, nt) into the lanes. Loading rows c and
- * c + 4 into the halves of z[c] (and 8 + c, 12 + c into z[4 + c]) makes
- * three rounds of unpacks and one of 128-bit shuffles leave row order. */
+/* Transposes one block of rows [0, nt) into the lanes; lanes from nt on
+ * (lane 15 always) read zeros. */
 static void q8_pack_block(struct q8_lanes_block *out, const uint8_t *a, size_t as, int nt,
                           int64_t b, __m512i gidx, __mmask16 live)
 {
         static const int8_t zero[32];
-        __m512i z[8], t[8], u[8];
+        const void *row[16];
 
-        for (int i = 0; i < 8; i++) {
-                int c0 = i < 4 ? i : i + 4, c1 = c0 + 4;
-                const void *p0 = c0 < nt ? ((const block_q8_0 *)(a + (size_t)c0 * as) + b)->qs : (const void *)zero;
-                const void *p1 = c1 < nt ? ((const block_q8_0 *)(a + (size_t)c1 * as) + b)->qs : (const void *)zero;
-
-                z[i] = join256(_mm256_loadu_si256(p0), _mm256_loadu_si256(p1));
-        }
-        for (int i = 0; i < 8; i += 2) {
-                t[i] = _mm512_unpacklo_epi32(z[i], z[i + 1]);
-                t[i + 1] = _mm512_unpackhi_epi32(z[i], z[i + 1]);
-        }
-        for (int h = 0; h < 8; h += 4) {
-                u[h + 0] = _mm512_unpacklo_epi64(t[h + 0], t[h + 2]);
-                u[h + 1] = _mm512_unpackhi_epi64(t[h + 0], t[h + 2]);
-                u[h + 2] = _mm512_unpacklo_epi64(t[h + 1], t[h + 3]);
-                u[h + 3] = _mm512_unpackhi_epi64(t[h + 1], t[h + 3]);
-        }
-        for (int d = 0; d < 4; d++) {
-                out->q[d] = _mm512_shuffle_i32x4(u[d], u[d + 4], _MM_SHUFFLE(2, 0, 2, 0));
-                out->q[d + 4] = _mm512_shuffle_i32x4(u[d], u[d + 4], _MM_SHUFFLE(3, 1, 3, 1));
-        }
+        for (int c = 0; c < 16; c++)
+                row[c] = c < nt ? ((const block_q8_0 *)(a + (size_t)c * as) + b)->qs : (const void *)zero;
+        lanes_transpose(row, out->q);
         for (int d = 0; d < 8; d++)
                 out->q[d] = _mm512_xor_si512(out->q[d], _mm512_set1_epi8((char)0x80));
         out->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_mask_i32gather_epi32(
@@ -337,6 +422,11 @@ static void gemm_Q8_0(int64_t n, const void *w, size_t ws, int64_t nr, const voi
         const int64_t nb = n / QK8_0;
         int64_t c = 0;
 
+        /* The short kernel's gather offsets are 32-bit. */
+        if (nb > 0 && nb < Q8_GROUP && ws <= (size_t)INT32_MAX / 16) {
+                q8_short(nb, w, ws, nr, a, as, nc, y, ys);
+                return;
+        }
 #ifdef __AVX512VNNI__
         /* The lanes' gather offsets are 32-bit. */
         if (nb > 0 && as <= (size_t)INT32_MAX / 16)
