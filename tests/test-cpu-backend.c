@@ -346,10 +346,13 @@ static void avx512_vnni_kernels_equal_plain_avx512_bits(void **state)
 
 /* Every kernel sums each output in one order whatever the number of
  * activation rows it gets at once, so column c of a wide call has the bits
- * of column c alone. The sizes cross every boundary the AVX-512 Q8_0
- * kernels have: the row kernel below 8 columns and the lanes kernel's
- * 15-lane tiles above, a last group of 16 blocks that is partial, the
- * lanes pack's 32-block chunks, its 64-row blocks and its row pairs. */
+ * of column c alone. The sizes cross every boundary the AVX-512 Q8_0 and
+ * Q4_K kernels have: the row kernels below 8 columns and the lanes
+ * kernels' 15- and 16-lane tiles above, a last group of 16 blocks (Q8_0)
+ * or 4 super-blocks (K-quants) that is partial, the lanes packs' chunks of
+ * 32 blocks or 4 super-blocks, their 64-row blocks and their row pairs;
+ * and short rows: Q8_0 rows of fewer than 16 blocks, which have their own
+ * kernel, and K-quant rows of two super-blocks, which go in pairs. */
 static void gemm_bits_do_not_depend_on_column_count(void **state)
 {
         const int64_t ncs[] = { 2, 3, 7, 8, 9, 15, 16, 22, 23, 31, 33 };
@@ -358,9 +361,11 @@ static void gemm_bits_do_not_depend_on_column_count(void **state)
         for (int l = 0; l < n_levels(); l++) {
                 const struct mo_cpu_kernels *k = mo_cpu_kernels_at((enum mo_simd)l);
 
-                for (size_t i = 0; i < N_TYPES; i++) {
-                        int type = weight_types[i];
-                        int64_t b = block_of(type), n = b == 32 ? 37 * 32 : b == 1 ? 300 : 3 * b;
+                for (size_t i = 0; i < 2 * N_TYPES; i++) {
+                        int type = weight_types[i / 2];
+                        bool longer = i % 2 == 0;
+                        int64_t b = block_of(type);
+                        int64_t n = b == 32 ? (longer ? 37 : 12) * 32 : b == 1 ? (longer ? 300 : 40) : (longer ? 9 : 2) * b;
                         int64_t mc = ncs[ARRAY_SIZE(ncs) - 1];
                         float *x = malloc(sizeof(float) * (size_t)(mc * n));
                         float *y = malloc(sizeof(float) * (size_t)(mc * nr)), *y1 = malloc(sizeof(float) * (size_t)nr);
@@ -382,8 +387,8 @@ static void gemm_bits_do_not_depend_on_column_count(void **state)
                                         k->gemm[type](n, t.data, t.w.row_bytes, nr, (const uint8_t *)q + c * as,
                                                       as, 1, y1, nr);
                                         if (memcmp(y1, y + c * nr, sizeof(float) * (size_t)nr))
-                                                fail_msg("%s %s: column %lld of %lld differs from it alone",
-                                                         mo_simd_name(k->level), mo_type_name(type),
+                                                fail_msg("%s %s, rows of %lld: column %lld of %lld differs from it alone",
+                                                         mo_simd_name(k->level), mo_type_name(type), (long long)n,
                                                          (long long)c, (long long)nc);
                                 }
                         }
@@ -542,9 +547,9 @@ static void matmul_matches_reference_for_every_type_level_and_batch(void **state
                         int64_t b = block_of(type) == 1 ? 32 : block_of(type);
 
                         for (size_t j = 0; j < ARRAY_SIZE(ms); j++) {
-                                /* Rows not a multiple of the 4-row tile, one
-                                 * block and several blocks of columns. */
-                                int64_t ncols = j % 2 ? b : 3 * b;
+                                /* Rows not a multiple of the 4-row tile, one,
+                                 * two and three blocks of columns. */
+                                int64_t ncols = j % 2 ? b : j % 4 ? 2 * b : 3 * b;
                                 int64_t nrows = ms[j] > 33 ? 13 : 37;
 
                                 matmul_case(l, type, nrows, ncols, ms[j], 1000 + i * 10 + j);

@@ -2,8 +2,9 @@
  * those flags and only called after cpuid says the CPU has them.
  * Same tile scheme as dot-avx2.c with 512-bit vectors: 32-blocks go two at a
  * time, K-quant sub-blocks 64 values at a time, and 32 registers allow
- * 4 x 4 tiles for prefill. Q8_0 weights, the common 8-bit files, have
- * their own kernels in dot-avx512-q8.h. dot-avx512-vnni.c compiles this file again
+ * 4 x 4 tiles for prefill. Q8_0 and Q4_K weights, those of the common
+ * 8- and 4-bit files, have their own kernels in dot-avx512-q8.h and
+ * dot-avx512-k4.h. dot-avx512-vnni.c compiles this file again
  * with VNNI, whose dpbusd/dpwssd fuse two or three steps of the integer
  * dot; both builds give the same bits. */
 #include <immintrin.h>
@@ -226,91 +227,7 @@ Q_TILE(5_0)
 
 /* ---- K-quant weights x Q8_K activations ----------------------------------- */
 
-TILE_INLINE void q45k_tile(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
-                           size_t as, float *y, int64_t ys, bool five,
-                           const int NR, const int NC)
-{
-        const size_t bsz = five ? sizeof(block_q5_k) : sizeof(block_q4_k);
-        const __m512i lo4 = _mm512_set1_epi8(0x0F), one8 = _mm512_set1_epi8(1);
-        __m512 acc[4][NC_MAX];
-        __m512i idx[4];
-
-        /* Lanes 0-15 of scale vector j take scale 2j, lanes 16-31 2j+1. */
-        for (int j = 0; j < 4; j++)
-                idx[j] = join256(_mm256_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1)));
-        for (int r = 0; r < NR; r++)
-                for (int c = 0; c < NC; c++)
-                        acc[r][c] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < n / QK_K; b++) {
-                for (int r = 0; r < NR; r++) {
-                        const block_q4_k *x4 = (const block_q4_k *)(ROW(w, r, ws) + b * bsz);
-                        const block_q5_k *x5 = (const block_q5_k *)x4;
-                        const uint8_t *qs = five ? x5->qs : x4->qs;
-                        __m512i sumi[NC_MAX], qh = _mm512_setzero_si512(), sc16;
-                        __m256i mins;
-                        uint8_t sc[8], mn[8];
-                        float d = half_to_f32(x4->d), dmin = half_to_f32(x4->dmin);
-                        __m128i m8;
-
-                        mo_unpack_k4_scales(x4->scales, sc, mn);
-                        sc16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(
-                                _mm_loadl_epi64((const __m128i *)sc)));
-                        m8 = _mm_loadl_epi64((const __m128i *)mn);
-                        mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
-                        if (five) {
-                                __m256i h = _mm256_loadu_si256((const __m256i *)x5->qh);
-
-                                /* Lanes 0-31 feed the low nibbles (bit 2j),
-                                 * lanes 32-63 the high ones (bit 2j+1). */
-                                qh = join256(h, _mm256_srli_epi16(h, 1));
-                        }
-                        for (int c = 0; c < NC; c++)
-                                sumi[c] = _mm512_setzero_si512();
-                        for (int j = 0; j < 4; j++) {
-                                __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
-                                __m512i qv = _mm512_and_si512(join256(q, _mm256_srli_epi16(q, 4)), lo4);
-                                __m512i s = _mm512_permutexvar_epi16(idx[j], sc16);
-
-                                if (five) {
-                                        __m512i hb = _mm512_and_si512(_mm512_srli_epi16(qh, 2 * j), one8);
-
-                                        qv = _mm512_or_si512(qv, _mm512_slli_epi16(hb, 4));
-                                }
-                                for (int c = 0; c < NC; c++) {
-                                        const int8_t *q8 = ((const block_q8_k *)ROW(a, c, as) + b)->qs + 64 * j;
-                                        __m512i p = _mm512_maddubs_epi16(qv, _mm512_loadu_si512(q8));
-
-                                        sumi[c] = madd_acc(sumi[c], p, s);
-                                }
-                        }
-                        for (int c = 0; c < NC; c++) {
-                                const block_q8_k *ab = (const block_q8_k *)ROW(a, c, as) + b;
-                                __m256i bs = _mm256_loadu_si256((const __m256i *)ab->bsums);
-                                __m256 m = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins));
-
-                                acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(d * ab->d),
-                                                            _mm512_cvtepi32_ps(sumi[c]), acc[r][c]);
-                                acc[r][c] = _mm512_fnmadd_ps(_mm512_set1_ps(dmin * ab->d),
-                                                             _mm512_zextps256_ps512(m), acc[r][c]);
-                        }
-                }
-        }
-        for (int r = 0; r < NR; r++)
-                for (int c = 0; c < NC; c++)
-                        y[c * ys + r] = _mm512_reduce_add_ps(acc[r][c]);
-}
-
-TILE_INLINE void tile_Q4_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
-                           size_t as, float *y, int64_t ys, const int NR, const int NC)
-{
-        q45k_tile(n, w, ws, a, as, y, ys, false, NR, NC);
-}
-
-TILE_INLINE void tile_Q5_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
-                           size_t as, float *y, int64_t ys, const int NR, const int NC)
-{
-        q45k_tile(n, w, ws, a, as, y, ys, true, NR, NC);
-}
+#include "kernels/cpu/dot-avx512-k4.h"
 
 /* Q6_K: each half of a block is [ql 64 B | qh 32 B]; values 0..63 meet the
  * activations, and 32 x scale x (sums of each 16) comes off at once. */
@@ -420,8 +337,8 @@ TILE_INLINE void tile_Q6_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t
                 GEMM_TAIL(kind, R)                                                       \
         }
 
-#define GEMM(kind)                                                                       \
-        static void gemm_##kind(int64_t n, const void *w, size_t ws, int64_t nr,         \
+#define GEMM_NAMED(name, kind)                                                           \
+        static void name(int64_t n, const void *w, size_t ws, int64_t nr,                \
                                 const void *a, size_t as, int64_t nc, float *y,          \
                                 int64_t ys)                                              \
         {                                                                                \
@@ -431,14 +348,46 @@ TILE_INLINE void tile_Q6_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t
                 GEMM_ROWS(kind, 1)                                                       \
         }
 
+#define GEMM(kind) GEMM_NAMED(gemm_##kind, kind)
+
+/* K-quant rows of at most two super-blocks also go in pairs
+ * (k4_pairs_tile). */
+#define GEMM_K(name, kind)                                                               \
+        static void name(int64_t n, const void *w, size_t ws, int64_t nr,                \
+                         const void *a, size_t as, int64_t nc, float *y, int64_t ys)     \
+        {                                                                                \
+                int64_t r = 0, c;                                                        \
+                if (nc >= NC_MAX)                                                        \
+                        GEMM_ROWS(kind, 4)                                               \
+                if (n <= 2 * QK_K)                                                       \
+                        GEMM_ROWS(kind, 2)                                               \
+                GEMM_ROWS(kind, 1)                                                       \
+        }
+
 GEMM(F32)
 GEMM(F16)
 GEMM(BF16)
 GEMM(Q4_0)
 GEMM(Q5_0)
-GEMM(Q4_K)
-GEMM(Q5_K)
+GEMM_K(gemm_tiles_Q4_K, Q4_K)
+GEMM_K(gemm_Q5_K, Q5_K)
 GEMM(Q6_K)
+
+static void gemm_Q4_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as,
+                      int64_t nc, float *y, int64_t ys)
+{
+        int64_t c = 0;
+
+#ifdef __AVX512VNNI__
+        /* The lanes' gather offsets are 32-bit. */
+        if (n >= QK_K && as <= (size_t)INT32_MAX / 16)
+                for (; nc - c >= K4_LANES_MIN; c += MO_MIN(nc - c, K4_LANES))
+                        k4_lanes(n / QK_K, w, ws, nr, (const uint8_t *)a + c * as, as,
+                                 (int)MO_MIN(nc - c, K4_LANES), y + c * ys, ys);
+#endif
+        if (c < nc)
+                gemm_tiles_Q4_K(n, w, ws, nr, (const uint8_t *)a + c * as, as, nc - c, y + c * ys, ys);
+}
 
 #ifdef __AVX512VNNI__
 void mo_cpu_kernels_avx512_vnni(struct mo_cpu_kernels *k)
