@@ -422,11 +422,6 @@ static void gemm_Q8_0(int64_t n, const void *w, size_t ws, int64_t nr, const voi
         const int64_t nb = n / QK8_0;
         int64_t c = 0;
 
-        /* The short kernel's gather offsets are 32-bit. */
-        if (nb > 0 && nb < Q8_GROUP && ws <= (size_t)INT32_MAX / 16) {
-                q8_short(nb, w, ws, nr, a, as, nc, y, ys);
-                return;
-        }
 #ifdef __AVX512VNNI__
         /* The lanes' gather offsets are 32-bit. */
         if (nb > 0 && as <= (size_t)INT32_MAX / 16)
@@ -434,6 +429,9 @@ static void gemm_Q8_0(int64_t n, const void *w, size_t ws, int64_t nr, const voi
                         q8_lanes(nb, w, ws, nr, (const uint8_t *)a + c * as, as,
                                  (int)MO_MIN(nc - c, Q8_LANES), y + c * ys, ys);
 #endif
-        if (c < nc)
+        /* The short kernel's gather offsets are 32-bit too. */
+        if (c < nc && nb < Q8_GROUP && ws <= (size_t)INT32_MAX / 16)
+                q8_short(nb, w, ws, nr, (const uint8_t *)a + c * as, as, nc - c, y + c * ys, ys);
+        else if (c < nc)
                 q8_rows(nb, w, ws, nr, (const uint8_t *)a + c * as, as, nc - c, y + c * ys, ys);
 }
