@@ -373,8 +373,7 @@ static void k4_lanes(int64_t nsb, const uint8_t *w, size_t ws, int64_t nr, const
 {
         struct k4_lanes_block pk[K4_PACK_SB];
         __m512 keep[K4_PACK_ROWS][K4_CHAINS];
-        const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32((int)as));
+        const __m512i gidx = lanes_offsets(as);
         const __mmask16 live = (__mmask16)((1u << nt) - 1);
 
         for (int64_t r0 = 0; r0 < nr; r0 += K4_PACK_ROWS) {
@@ -390,9 +389,7 @@ static void k4_lanes(int64_t nsb, const uint8_t *w, size_t ws, int64_t nr, const
                                 const int rows = rn - r >= 2 ? 2 : 1;
                                 __m512 acc[2][K4_CHAINS];
 
-                                for (int i = 0; i < rows; i++)
-                                        for (int s = 0; s < K4_CHAINS; s++)
-                                                acc[i][s] = b0 ? keep[r + i][s] : _mm512_setzero_ps();
+                                lanes_chains_begin(acc, keep, r, rows, b0 == 0);
                                 /* The pack starts on a multiple of 4, so super-block b is chain b. */
                                 for (int64_t b = 0; b < bn; b++) {
                                         if (rows == 2)
@@ -400,19 +397,7 @@ static void k4_lanes(int64_t nsb, const uint8_t *w, size_t ws, int64_t nr, const
                                         else
                                                 k4_lanes_step(wr + b, ws, &pk[b], &acc[0][b], &acc[1][b], 1);
                                 }
-                                for (int i = 0; i < rows; i++) {
-                                        if (b0 + bn < nsb) {
-                                                for (int s = 0; s < K4_CHAINS; s++)
-                                                        keep[r + i][s] = acc[i][s];
-                                        } else {
-                                                float out[16];
-
-                                                _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]),
-                                                                                    _mm512_add_ps(acc[i][2], acc[i][3])));
-                                                for (int c = 0; c < nt; c++)
-                                                        y[c * ys + r0 + r + i] = out[c];
-                                        }
-                                }
+                                lanes_chains_end(acc, keep, r, rows, b0 + bn == nsb, y + r0, ys, nt);
                         }
                 }
         }

@@ -117,6 +117,14 @@ TILE_INLINE void lanes_transpose(const void *const row[16], __m512i out[8])
         }
 }
 
+/* Lane i: i x stride, the byte offsets of 16 rows for a gather; callers
+ * keep 16 x stride within 32 bits. */
+TILE_INLINE __m512i lanes_offsets(size_t stride)
+{
+        return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                  _mm512_set1_epi32((int)stride));
+}
+
 /* The chains (lanes l) of quarter q whose block q + 4l is one of the
  * group's `left` blocks. */
 TILE_INLINE __mmask8 q8_quarter_live(int64_t left, int q)
@@ -206,8 +214,7 @@ struct q8_short_rows {
 static void q8_short_pack(struct q8_short_rows *out, int64_t nb, const uint8_t *w, size_t ws, int rn)
 {
         static const int8_t zero[32];
-        const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32((int)ws));
+        const __m512i gidx = lanes_offsets(ws);
         const __mmask16 live = (__mmask16)((1u << rn) - 1);
         const void *row[16];
 
@@ -335,14 +342,43 @@ TILE_INLINE void q8_lanes_rows(const block_q8_0 *w, size_t ws, const struct q8_l
                 q8_lanes_step(w + b, ws, &pk[b], &acc[0][b % 16 / 4], &acc[1][b % 16 / 4], rows);
 }
 
+/* Both lanes kernels keep each weight row's four chains across the packs
+ * of one call. lanes_chains_begin takes up those of rows r and r + 1
+ * (zeros at the first pack); lanes_chains_end puts them back, or after
+ * the last pack sums them, (c0 + c1) + (c2 + c3), into the outputs of the
+ * nt live lanes: y[c * ys + r]. */
+TILE_INLINE void lanes_chains_begin(__m512 acc[2][4], __m512 keep[][4], int64_t r, int rows, bool first)
+{
+        for (int i = 0; i < rows; i++)
+                for (int s = 0; s < 4; s++)
+                        acc[i][s] = first ? _mm512_setzero_ps() : keep[r + i][s];
+}
+
+TILE_INLINE void lanes_chains_end(__m512 acc[2][4], __m512 keep[][4], int64_t r, int rows, bool last,
+                                  float *y, int64_t ys, int nt)
+{
+        for (int i = 0; i < rows; i++) {
+                float out[16];
+
+                if (!last) {
+                        for (int s = 0; s < 4; s++)
+                                keep[r + i][s] = acc[i][s];
+                        continue;
+                }
+                _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]),
+                                                    _mm512_add_ps(acc[i][2], acc[i][3])));
+                for (int c = 0; c < nt; c++)
+                        y[c * ys + r + i] = out[c];
+        }
+}
+
 /* nr weight rows against nt <= Q8_LANES activation rows. */
 static void q8_lanes(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a,
                      size_t as, int nt, float *y, int64_t ys)
 {
         struct q8_lanes_block pk[Q8_PACK_BLOCKS];
         __m512 keep[Q8_PACK_ROWS][4];
-        const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32((int)as));
+        const __m512i gidx = lanes_offsets(as);
         const __mmask16 live = (__mmask16)((1u << nt) - 1);
 
         for (int64_t r0 = 0; r0 < nr; r0 += Q8_PACK_ROWS) {
@@ -358,26 +394,12 @@ static void q8_lanes(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const 
                                 const int rows = rn - r >= 2 ? 2 : 1;
                                 __m512 acc[2][4];
 
-                                for (int i = 0; i < rows; i++)
-                                        for (int s = 0; s < 4; s++)
-                                                acc[i][s] = b0 ? keep[r + i][s] : _mm512_setzero_ps();
+                                lanes_chains_begin(acc, keep, r, rows, b0 == 0);
                                 if (rows == 2)
                                         q8_lanes_rows(wr, ws, pk, bn, acc, 2);
                                 else
                                         q8_lanes_rows(wr, ws, pk, bn, acc, 1);
-                                for (int i = 0; i < rows; i++) {
-                                        if (b0 + bn < nb) {
-                                                for (int s = 0; s < 4; s++)
-                                                        keep[r + i][s] = acc[i][s];
-                                        } else {
-                                                float out[16];
-
-                                                _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]),
-                                                                                    _mm512_add_ps(acc[i][2], acc[i][3])));
-                                                for (int c = 0; c < nt; c++)
-                                                        y[c * ys + r0 + r + i] = out[c];
-                                        }
-                                }
+                                lanes_chains_end(acc, keep, r, rows, b0 + bn == nb, y + r0, ys, nt);
                         }
                 }
         }
