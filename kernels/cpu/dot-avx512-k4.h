@@ -276,12 +276,13 @@ TILE_INLINE void tile_Q5_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t
 #define K4_PACK_ROWS 64
 
 /* One super-block of up to 16 activation rows with the rows in the lanes:
- * q[t] lane c is activations 4t..4t+3 of row c, bs[j] lane c row c's
- * bsums 2j and 2j + 1 (the two halves of sub-block j), d lane c its scale.
+ * q[t] lane c is activations 4t..4t+3 of row c, bs[k] lane c the sums of
+ * row c's sub-blocks 2k and 2k + 1 as two int16 (|sum| <= 32 x 127), so
+ * one dpwssd takes two mins; d lane c the row's scale.
  * Lanes past the last row hold zeros. */
 struct k4_lanes_block {
         __m512i q[QK_K / 4];
-        __m512i bs[QK_K / 32];
+        __m512i bs[QK_K / 64];
         __m512 d;
 };
 
@@ -289,6 +290,8 @@ static void k4_pack_block(struct k4_lanes_block *out, const uint8_t *a, size_t a
                           int64_t b, __m512i gidx, __mmask16 live)
 {
         static const int8_t zero[32];
+        const __m512i one16 = _mm512_set1_epi16(1);
+        __m512i bs[QK_K / 32];
         const void *row[16];
 
         for (int part = 0; part < QK_K / 32; part++) {
@@ -300,7 +303,12 @@ static void k4_pack_block(struct k4_lanes_block *out, const uint8_t *a, size_t a
         for (int c = 0; c < 16; c++)
                 row[c] = c < nt ? (const void *)((const block_q8_k *)(a + (size_t)c * as) + b)->bsums :
                                   (const void *)zero;
-        lanes_transpose(row, out->bs);
+        lanes_transpose(row, bs);
+        for (int k = 0; k < QK_K / 64; k++) {
+                __m512i s0 = _mm512_madd_epi16(bs[2 * k], one16), s1 = _mm512_madd_epi16(bs[2 * k + 1], one16);
+
+                out->bs[k] = _mm512_mask_blend_epi16(0xAAAAAAAAu, s0, _mm512_slli_epi32(s1, 16));
+        }
         out->d = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, gidx,
                                           a + (size_t)b * sizeof(block_q8_k) + offsetof(block_q8_k, d), 1);
 }
@@ -316,16 +324,19 @@ TILE_INLINE void k4_lanes_step(const block_q4_k *w, size_t ws, const struct k4_l
         const block_q4_k *wb[2] = { w, (const block_q4_k *)((const uint8_t *)w + ws) };
         __m512 *acc[2] = { acc0, acc1 };
         __m512i sumi[2], summ[2];
-        uint32_t sc[2][8], mn[2][8];
+        uint32_t sc[2][8], mn[2][4];
 
         for (int r = 0; r < rows; r++) {
                 uint32_t v[4];
 
                 mo_k4_scale_words(wb[r]->scales, v);
-                for (int j = 0; j < 8; j++) {
+                for (int j = 0; j < 8; j++)
                         sc[r][j] = v[j / 4] >> (8 * (j % 4)) & 0xFF;
-                        /* for both bsums of a pair */
-                        mn[r][j] = (v[2 + j / 4] >> (8 * (j % 4)) & 0xFF) * 0x10001u;
+                /* mins 2k and 2k + 1 as the two words of a dword */
+                for (int k = 0; k < 4; k++) {
+                        uint32_t m = v[2 + k / 2] >> (16 * (k % 2));
+
+                        mn[r][k] = (m & 0xFF) | (m & 0xFF00) << 8;
                 }
                 sumi[r] = _mm512_setzero_si512();
                 summ[r] = _mm512_setzero_si512();
@@ -355,9 +366,9 @@ TILE_INLINE void k4_lanes_step(const block_q4_k *w, size_t ws, const struct k4_l
                 }
         }
         for (int r = 0; r < rows; r++) {
-                for (int j = 0; j < QK_K / 32; j++)
-                        summ[r] = _mm512_dpwssd_epi32(summ[r], _mm512_load_si512(&x->bs[j]),
-                                                      _mm512_set1_epi32((int)mn[r][j]));
+                for (int k = 0; k < QK_K / 64; k++)
+                        summ[r] = _mm512_dpwssd_epi32(summ[r], _mm512_load_si512(&x->bs[k]),
+                                                      _mm512_set1_epi32((int)mn[r][k]));
                 *acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[r]),
                                           _mm512_mul_ps(_mm512_set1_ps(half_to_f32(wb[r]->d)), x->d), *acc[r]);
                 *acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ[r]),
