@@ -355,7 +355,7 @@ static void avx512_vnni_kernels_equal_plain_avx512_bits(void **state)
  * kernel, and K-quant rows of two super-blocks, which go in pairs. */
 static void gemm_bits_do_not_depend_on_column_count(void **state)
 {
-        const int64_t ncs[] = { 2, 3, 7, 8, 9, 15, 16, 22, 23, 31, 33 };
+        const int64_t ncs[] = { 2, 3, 7, 8, 9, 12, 13, 15, 16, 22, 23, 31, 33 };
         const int64_t nr = 131;
 
         for (int l = 0; l < n_levels(); l++) {

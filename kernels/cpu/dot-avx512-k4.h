@@ -15,13 +15,15 @@
  * them however suits its layout; their conversion to float rounds the
  * same way in all.
  * The tiles stream weight rows and vectorise over a super-block; they
- * serve decode, a batch's experts, and Q5_K. Rows of one or two
- * super-blocks (a small expert's down projection) go through them in
- * pairs. The lanes kernel (VNNI, Q4_K only) puts 16 activation rows in
- * the lanes of a vector and broadcasts each weight dword, so one dpbusd
- * does 16 rows' work and the scales are applied once per 16 outputs; it
- * serves batches and prefill, at 1.7-1.9x the multiply-adds per second of
- * the 4 x 4 tiles on a Zen 4 core. */
+ * serve decode (one activation row, where plain streams prefetch best),
+ * and everything without VNNI. Rows of one or two super-blocks (a small
+ * expert's down projection) go through them in pairs. With VNNI, two or
+ * more activation rows go to the weight-lanes kernel (k4_wlanes): 16
+ * weight rows of a super-block are transposed into the lanes once for up
+ * to 8 activation rows, whose quants are broadcast, so one dpbusd does 16
+ * outputs' work with nothing to mask or reduce; on a Zen 4 core it runs
+ * 1.5x the tiles' multiply-adds per second at 2 activation rows and 2x at
+ * 8. */
 
 #define K4_CHAINS 4
 
@@ -267,148 +269,190 @@ TILE_INLINE void tile_Q5_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t
 }
 
 #ifdef __AVX512VNNI__
-#define K4_LANES 16
-/* Fewer activation rows than this go through the tiles. */
-#define K4_LANES_MIN 9
-/* The pack covers this many super-blocks (about 18 KiB of stack) and the
- * kept chains this many weight rows (16 KiB). */
-#define K4_PACK_SB K4_CHAINS
-#define K4_PACK_ROWS 64
+/* Weight rows in the lanes: 16 weight rows of a super-block are
+ * transposed into vectors (nibbles split, the fifth bit joined for Q5_K)
+ * once for up to K4_WLANES_COLS activation rows, whose quants are
+ * broadcast from memory as dpbusd's signed operand: one dpbusd per four
+ * values of 16 outputs, with nothing to mask or reduce. The quants stay in
+ * registers, a quarter of the super-block at a time; only the scales are
+ * kept (struct k4_wlanes_scales): sc[j] lane r is the scale of sub-block j
+ * of row r, mn[k] lane r its mins 2k and 2k + 1 as two int16, d and dmin
+ * lane r its super-block scales. */
+#define K4_WLANES_COLS 8
 
-/* One super-block of up to 16 activation rows with the rows in the lanes:
- * q[t] lane c is activations 4t..4t+3 of row c, bs[k] lane c the sums of
- * row c's sub-blocks 2k and 2k + 1 as two int16 (|sum| <= 32 x 127), so
- * one dpwssd takes two mins; d lane c the row's scale.
- * Lanes past the last row hold zeros. */
-struct k4_lanes_block {
-        __m512i q[QK_K / 4];
-        __m512i bs[QK_K / 64];
-        __m512 d;
+struct k4_wlanes_scales {
+        __m512i sc[QK_K / 32];
+        __m512i mn[QK_K / 64];
+        __m512 d, dmin;
 };
 
-static void k4_pack_block(struct k4_lanes_block *out, const uint8_t *a, size_t as, int nt,
-                          int64_t b, __m512i gidx, __mmask16 live)
+/* The scales of super-block b of rows [0, rn) at w, ws apart (lanes from
+ * rn on read zeros); qh[] gets Q5_K's high bits, qh[t] lane r bytes
+ * 4t..4t+3 of the row's qh. */
+static void k4_wlanes_scales(struct k4_wlanes_scales *out, __m512i qh[8], const uint8_t *w, size_t ws,
+                             int rn, int64_t b, const bool five)
 {
-        static const int8_t zero[32];
-        const __m512i one16 = _mm512_set1_epi16(1);
-        __m512i bs[QK_K / 32];
+        static const uint8_t zero[32];
+        const size_t bsz = five ? sizeof(block_q5_k) : sizeof(block_q4_k);
+        const __m512i m6 = _mm512_set1_epi32(0x3f3f3f3f), m4 = _mm512_set1_epi32(0x0f0f0f0f);
+        const __m512i m2 = _mm512_set1_epi32(0x03030303), b0 = _mm512_set1_epi32(0xFF);
+        const __m512i b1 = _mm512_set1_epi32(0xFF0000);
+        __m512i hd[8], v[4];
         const void *row[16];
 
-        for (int part = 0; part < QK_K / 32; part++) {
-                for (int c = 0; c < 16; c++)
-                        row[c] = c < nt ? ((const block_q8_k *)(a + (size_t)c * as) + b)->qs + 32 * part :
-                                          (const void *)zero;
-                lanes_transpose(row, out->q + 8 * part);
-        }
-        for (int c = 0; c < 16; c++)
-                row[c] = c < nt ? (const void *)((const block_q8_k *)(a + (size_t)c * as) + b)->bsums :
-                                  (const void *)zero;
-        lanes_transpose(row, bs);
+        /* [d | dmin] and the 12 scale bytes are the block's first 16. */
+        for (int r = 0; r < 16; r++)
+                row[r] = r < rn ? (const void *)(w + (size_t)r * ws + (size_t)b * bsz) : (const void *)zero;
+        lanes_transpose(row, hd);
+        out->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hd[0]));
+        out->dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hd[0], 16)));
+        /* mo_k4_scale_words on the lanes */
+        v[0] = _mm512_and_si512(hd[1], m6);
+        v[1] = _mm512_or_si512(_mm512_and_si512(hd[3], m4),
+                               _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hd[1], 6), m2), 4));
+        v[2] = _mm512_and_si512(hd[2], m6);
+        v[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(hd[3], 4), m4),
+                               _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hd[2], 6), m2), 4));
+        for (int j = 0; j < QK_K / 32; j++)
+                out->sc[j] = _mm512_and_si512(_mm512_srli_epi32(v[j / 4], 8 * (j % 4)), b0);
         for (int k = 0; k < QK_K / 64; k++) {
-                __m512i s0 = _mm512_madd_epi16(bs[2 * k], one16), s1 = _mm512_madd_epi16(bs[2 * k + 1], one16);
+                __m512i m = _mm512_srli_epi32(v[2 + k / 2], 16 * (k % 2));
 
-                out->bs[k] = _mm512_mask_blend_epi16(0xAAAAAAAAu, s0, _mm512_slli_epi32(s1, 16));
+                out->mn[k] = _mm512_or_si512(_mm512_and_si512(m, b0),
+                                             _mm512_and_si512(_mm512_slli_epi32(m, 8), b1));
         }
-        out->d = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, gidx,
-                                          a + (size_t)b * sizeof(block_q8_k) + offsetof(block_q8_k, d), 1);
+        if (five) {
+                for (int r = 0; r < 16; r++)
+                        row[r] = r < rn ? (const void *)((const block_q5_k *)(w + (size_t)r * ws) + b)->qh :
+                                          (const void *)zero;
+                lanes_transpose(row, qh);
+        }
 }
 
-/* One super-block of `rows` (1 or 2) weight rows at w, ws apart, against
- * every lane, into chain acc0 (and acc1). Each weight dword is broadcast
- * once: its low nibbles meet sub-block 2j, its high nibbles (16 x the
- * value, shifted back down after the sums, exactly) sub-block 2j + 1. */
-TILE_INLINE void k4_lanes_step(const block_q4_k *w, size_t ws, const struct k4_lanes_block *x,
-                               __m512 *acc0, __m512 *acc1, const int rows)
+/* Sub-block sums of an activation super-block as int16 pairs: dword k is
+ * [sum of sub-block 2k | sum of 2k + 1] (|sum| <= 32 x 127). */
+TILE_INLINE __m128i k4_bsum_pairs(const block_q8_k *x)
 {
-        const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8((char)0xF0);
-        const block_q4_k *wb[2] = { w, (const block_q4_k *)((const uint8_t *)w + ws) };
-        __m512 *acc[2] = { acc0, acc1 };
-        __m512i sumi[2], summ[2];
-        uint32_t sc[2][8], mn[2][4];
+        __m256i s = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x->bsums), _mm256_set1_epi16(1));
 
-        for (int r = 0; r < rows; r++) {
-                uint32_t v[4];
+        return _mm_packs_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
 
-                mo_k4_scale_words(wb[r]->scales, v);
-                for (int j = 0; j < 8; j++)
-                        sc[r][j] = v[j / 4] >> (8 * (j % 4)) & 0xFF;
-                /* mins 2k and 2k + 1 as the two words of a dword */
-                for (int k = 0; k < 4; k++) {
-                        uint32_t m = v[2 + k / 2] >> (16 * (k % 2));
+/* Super-block b of 16 weight rows against NC activation rows (x[c] their
+ * super-block b), into the chain vectors acc[c]. */
+TILE_INLINE void k4_wlanes_step(const uint8_t *w, size_t ws, int rn, int64_t b, const block_q8_k *const *x,
+                                __m512 *const *acc, const bool five, const int NC)
+{
+        static const uint8_t zero[32];
+        const size_t bsz = five ? sizeof(block_q5_k) : sizeof(block_q4_k);
+        const size_t qs_off = five ? offsetof(block_q5_k, qs) : offsetof(block_q4_k, qs);
+        const __m512i lo4 = _mm512_set1_epi8(0x0F), one8 = _mm512_set1_epi8(1);
+        struct k4_wlanes_scales sc;
+        __m512i sumi[K4_WLANES_COLS], qh[8];
+        const void *row[16];
 
-                        mn[r][k] = (m & 0xFF) | (m & 0xFF00) << 8;
-                }
-                sumi[r] = _mm512_setzero_si512();
-                summ[r] = _mm512_setzero_si512();
+        /* The same super-block of the next 16 rows: taken in this order,
+         * 16 short runs a row apart, the weights outrun the hardware's
+         * prefetch. */
+        for (int r = 16; r < 32; r++) {
+                const char *pf = (const char *)w + (size_t)r * ws + (size_t)b * bsz;
+
+                for (size_t o = 0; o < bsz; o += 64)
+                        _mm_prefetch(pf + o, _MM_HINT_T1);
+                _mm_prefetch(pf + bsz - 1, _MM_HINT_T1);
         }
-        for (int j = 0; j < 4; j++) {
-                __m512i lo[2][2], hi[2][2];
+        k4_wlanes_scales(&sc, qh, w, ws, rn, b, five);
+        for (int c = 0; c < NC; c++)
+                sumi[c] = _mm512_setzero_si512();
+        /* Quarter p: qs bytes 32p..32p+31, sub-blocks 2p (low nibbles) and 2p + 1. */
+        for (int p = 0; p < 4; p++) {
+                __m512i q[8], lo[8], hi[8];
 
-                for (int r = 0; r < rows; r++)
-                        lo[r][0] = lo[r][1] = hi[r][0] = hi[r][1] = _mm512_setzero_si512();
+                for (int r = 0; r < 16; r++)
+                        row[r] = r < rn ? (const void *)(w + (size_t)r * ws + (size_t)b * bsz + qs_off + 32 * p) :
+                                          (const void *)zero;
+                lanes_transpose(row, q);
                 for (int t = 0; t < 8; t++) {
-                        __m512i xl = _mm512_load_si512(&x->q[16 * j + t]);
-                        __m512i xh = _mm512_load_si512(&x->q[16 * j + 8 + t]);
-
-                        for (int r = 0; r < rows; r++) {
-                                __m512i q = _mm512_set1_epi32((int)mo_load_u32le(wb[r]->qs + 32 * j + 4 * t));
-
-                                lo[r][t & 1] = _mm512_dpbusd_epi32(lo[r][t & 1], _mm512_and_si512(q, lo4), xl);
-                                hi[r][t & 1] = _mm512_dpbusd_epi32(hi[r][t & 1], _mm512_and_si512(q, hi4), xh);
+                        lo[t] = _mm512_and_si512(q[t], lo4);
+                        hi[t] = _mm512_and_si512(_mm512_srli_epi16(q[t], 4), lo4);
+                        /* The fifth bit of low nibbles is bit 2p of qh, of high ones bit 2p + 1. */
+                        if (five) {
+                                lo[t] = _mm512_or_si512(lo[t], _mm512_slli_epi16(
+                                        _mm512_and_si512(_mm512_srli_epi16(qh[t], 2 * p), one8), 4));
+                                hi[t] = _mm512_or_si512(hi[t], _mm512_slli_epi16(
+                                        _mm512_and_si512(_mm512_srli_epi16(qh[t], 2 * p + 1), one8), 4));
                         }
                 }
-                for (int r = 0; r < rows; r++) {
-                        __m512i il = _mm512_add_epi32(lo[r][0], lo[r][1]);
-                        __m512i ih = _mm512_srai_epi32(_mm512_add_epi32(hi[r][0], hi[r][1]), 4);
+                for (int c = 0; c < NC; c++) {
+                        const uint8_t *xq = (const uint8_t *)x[c]->qs + 64 * p;
+                        __m512i sl = _mm512_setzero_si512(), sh = _mm512_setzero_si512();
 
-                        sumi[r] = _mm512_add_epi32(sumi[r], _mm512_mullo_epi32(il, _mm512_set1_epi32((int)sc[r][2 * j])));
-                        sumi[r] = _mm512_add_epi32(sumi[r], _mm512_mullo_epi32(ih, _mm512_set1_epi32((int)sc[r][2 * j + 1])));
+                        for (int t = 0; t < 8; t++) {
+                                sl = _mm512_dpbusd_epi32(sl, lo[t], _mm512_set1_epi32((int)mo_load_u32le(xq + 4 * t)));
+                                sh = _mm512_dpbusd_epi32(sh, hi[t], _mm512_set1_epi32((int)mo_load_u32le(xq + 32 + 4 * t)));
+                        }
+                        sumi[c] = _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(sl, sc.sc[2 * p]));
+                        sumi[c] = _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(sh, sc.sc[2 * p + 1]));
                 }
         }
-        for (int r = 0; r < rows; r++) {
+        for (int c = 0; c < NC; c++) {
+                __m512i pr = _mm512_castsi128_si512(k4_bsum_pairs(x[c])), summ = _mm512_setzero_si512();
+                __m512 dx = _mm512_set1_ps(x[c]->d);
+
                 for (int k = 0; k < QK_K / 64; k++)
-                        summ[r] = _mm512_dpwssd_epi32(summ[r], _mm512_load_si512(&x->bs[k]),
-                                                      _mm512_set1_epi32((int)mn[r][k]));
-                *acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[r]),
-                                          _mm512_mul_ps(_mm512_set1_ps(half_to_f32(wb[r]->d)), x->d), *acc[r]);
-                *acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ[r]),
-                                           _mm512_mul_ps(_mm512_set1_ps(half_to_f32(wb[r]->dmin)), x->d), *acc[r]);
+                        summ = _mm512_dpwssd_epi32(summ, sc.mn[k], _mm512_permutexvar_epi32(_mm512_set1_epi32(k), pr));
+                *acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[c]), _mm512_mul_ps(sc.d, dx), *acc[c]);
+                *acc[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(sc.dmin, dx), *acc[c]);
         }
 }
 
-/* nr weight rows against nt <= K4_LANES activation rows, over nsb
- * super-blocks: the pack is refilled every K4_PACK_SB super-blocks and
- * every K4_PACK_ROWS rows, the chains kept across packs. */
-static void k4_lanes(int64_t nsb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a,
-                     size_t as, int nt, float *y, int64_t ys)
+/* Rows [r0, r0 + 16) against NC <= K4_WLANES_COLS activation rows. */
+TILE_INLINE void k4_wlanes_group(int64_t nsb, const uint8_t *w, size_t ws, int rn, const uint8_t *a,
+                                 size_t as, float *y, int64_t ys, const bool five, const int NC)
 {
-        struct k4_lanes_block pk[K4_PACK_SB];
-        __m512 keep[K4_PACK_ROWS][K4_CHAINS];
-        const __m512i gidx = lanes_offsets(as);
-        const __mmask16 live = (__mmask16)((1u << nt) - 1);
+        __m512 acc[K4_WLANES_COLS][K4_CHAINS];
 
-        for (int64_t r0 = 0; r0 < nr; r0 += K4_PACK_ROWS) {
-                int64_t rn = MO_MIN(nr - r0, K4_PACK_ROWS);
+        for (int c = 0; c < NC; c++)
+                for (int s = 0; s < K4_CHAINS; s++)
+                        acc[c][s] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nsb; b++) {
+                const block_q8_k *x[K4_WLANES_COLS];
+                __m512 *ac[K4_WLANES_COLS];
 
-                for (int64_t b0 = 0; b0 < nsb; b0 += K4_PACK_SB) {
-                        int64_t bn = MO_MIN(nsb - b0, K4_PACK_SB);
+                for (int c = 0; c < NC; c++) {
+                        x[c] = (const block_q8_k *)(a + (size_t)c * as) + b;
+                        ac[c] = &acc[c][b % K4_CHAINS];
+                }
+                k4_wlanes_step(w, ws, rn, b, x, ac, five, NC);
+        }
+        for (int c = 0; c < NC; c++)
+                _mm512_mask_storeu_ps(y + c * ys, (__mmask16)((1u << rn) - 1),
+                                      _mm512_add_ps(_mm512_add_ps(acc[c][0], acc[c][1]),
+                                                    _mm512_add_ps(acc[c][2], acc[c][3])));
+}
 
-                        for (int64_t b = 0; b < bn; b++)
-                                k4_pack_block(&pk[b], a, as, nt, b0 + b, gidx, live);
-                        for (int64_t r = 0; r < rn; r += 2) {
-                                const block_q4_k *wr = (const block_q4_k *)(w + (size_t)(r0 + r) * ws) + b0;
-                                const int rows = rn - r >= 2 ? 2 : 1;
-                                __m512 acc[2][K4_CHAINS];
+/* nr weight rows against nc activation rows over nsb super-blocks,
+ * super-block b into chain b % 4 of each output. */
+static void k4_wlanes(int64_t nsb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a,
+                      size_t as, int64_t nc, float *y, int64_t ys, const bool five)
+{
+        for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+                const int rn = (int)MO_MIN(nr - r0, 16);
+                const uint8_t *wr = w + (size_t)r0 * ws;
 
-                                lanes_chains_begin(acc, keep, r, rows, b0 == 0);
-                                /* The pack starts on a multiple of 4, so super-block b is chain b. */
-                                for (int64_t b = 0; b < bn; b++) {
-                                        if (rows == 2)
-                                                k4_lanes_step(wr + b, ws, &pk[b], &acc[0][b], &acc[1][b], 2);
-                                        else
-                                                k4_lanes_step(wr + b, ws, &pk[b], &acc[0][b], &acc[1][b], 1);
-                                }
-                                lanes_chains_end(acc, keep, r, rows, b0 + bn == nsb, y + r0, ys, nt);
+                for (int64_t c = 0; c < nc; c += K4_WLANES_COLS) {
+                        const uint8_t *ac = a + (size_t)c * as;
+                        float *yc = y + c * ys + r0;
+
+                        switch (MO_MIN(nc - c, K4_WLANES_COLS)) {
+                        case 1: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 1); break;
+                        case 2: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 2); break;
+                        case 3: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 3); break;
+                        case 4: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 4); break;
+                        case 5: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 5); break;
+                        case 6: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 6); break;
+                        case 7: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 7); break;
+                        default: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 8); break;
                         }
                 }
         }

@@ -370,23 +370,34 @@ GEMM(BF16)
 GEMM(Q4_0)
 GEMM(Q5_0)
 GEMM_K(gemm_tiles_Q4_K, Q4_K)
-GEMM_K(gemm_Q5_K, Q5_K)
+GEMM_K(gemm_tiles_Q5_K, Q5_K)
 GEMM(Q6_K)
 
+/* With VNNI, batches (two activation rows or more) put the weight rows in
+ * the lanes; one row, a decode's, streams through the tiles, whose reads
+ * the hardware prefetches best. Both keep the same order. */
 static void gemm_Q4_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as,
                       int64_t nc, float *y, int64_t ys)
 {
-        int64_t c = 0;
-
 #ifdef __AVX512VNNI__
-        /* The lanes' gather offsets are 32-bit. */
-        if (n >= QK_K && as <= (size_t)INT32_MAX / 16)
-                for (; nc - c >= K4_LANES_MIN; c += MO_MIN(nc - c, K4_LANES))
-                        k4_lanes(n / QK_K, w, ws, nr, (const uint8_t *)a + c * as, as,
-                                 (int)MO_MIN(nc - c, K4_LANES), y + c * ys, ys);
+        if (nc >= 2) {
+                k4_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, false);
+                return;
+        }
 #endif
-        if (c < nc)
-                gemm_tiles_Q4_K(n, w, ws, nr, (const uint8_t *)a + c * as, as, nc - c, y + c * ys, ys);
+        gemm_tiles_Q4_K(n, w, ws, nr, a, as, nc, y, ys);
+}
+
+static void gemm_Q5_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as,
+                      int64_t nc, float *y, int64_t ys)
+{
+#ifdef __AVX512VNNI__
+        if (nc >= 2) {
+                k4_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, true);
+                return;
+        }
+#endif
+        gemm_tiles_Q5_K(n, w, ws, nr, a, as, nc, y, ys);
 }
 
 #ifdef __AVX512VNNI__
