@@ -20,10 +20,10 @@
  * expert's down projection) go through them in pairs. With VNNI, two or
  * more activation rows go to the weight-lanes kernel (k4_wlanes): 16
  * weight rows of a super-block are transposed into the lanes once for up
- * to 8 activation rows, whose quants are broadcast, so one dpbusd does 16
+ * to 16 activation rows, whose quants are broadcast, so one dpbusd does 16
  * outputs' work with nothing to mask or reduce; on a Zen 4 core it runs
  * 1.5x the tiles' multiply-adds per second at 2 activation rows and 2x at
- * 8. */
+ * 8 or more. */
 
 #define K4_CHAINS 4
 
@@ -278,13 +278,37 @@ TILE_INLINE void tile_Q5_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t
  * kept (struct k4_wlanes_scales): sc[j] lane r is the scale of sub-block j
  * of row r, mn[k] lane r its mins 2k and 2k + 1 as two int16, d and dmin
  * lane r its super-block scales. */
-#define K4_WLANES_COLS 8
+#define K4_WLANES_COLS 16
 
 struct k4_wlanes_scales {
         __m512i sc[QK_K / 32];
         __m512i mn[QK_K / 64];
         __m512 d, dmin;
 };
+
+/* 16 bytes of each of 16 rows in the lanes: out[t] lane r is bytes
+ * 4t..4t+3 of row[r]. z[i] holds rows i, i + 4, i + 8, i + 12 in its
+ * 128-bit chunks, so two rounds of unpacks within the chunks finish it. */
+TILE_INLINE void lanes_transpose16(const void *const row[16], __m512i out[4])
+{
+        __m512i z[4], t[4];
+
+        for (int i = 0; i < 4; i++) {
+                __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(row[i]));
+
+                v = _mm512_inserti32x4(v, _mm_loadu_si128(row[i + 4]), 1);
+                v = _mm512_inserti32x4(v, _mm_loadu_si128(row[i + 8]), 2);
+                z[i] = _mm512_inserti32x4(v, _mm_loadu_si128(row[i + 12]), 3);
+        }
+        t[0] = _mm512_unpacklo_epi32(z[0], z[1]);
+        t[1] = _mm512_unpackhi_epi32(z[0], z[1]);
+        t[2] = _mm512_unpacklo_epi32(z[2], z[3]);
+        t[3] = _mm512_unpackhi_epi32(z[2], z[3]);
+        out[0] = _mm512_unpacklo_epi64(t[0], t[2]);
+        out[1] = _mm512_unpackhi_epi64(t[0], t[2]);
+        out[2] = _mm512_unpacklo_epi64(t[1], t[3]);
+        out[3] = _mm512_unpackhi_epi64(t[1], t[3]);
+}
 
 /* The scales of super-block b of rows [0, rn) at w, ws apart (lanes from
  * rn on read zeros); qh[] gets Q5_K's high bits, qh[t] lane r bytes
@@ -297,13 +321,13 @@ static void k4_wlanes_scales(struct k4_wlanes_scales *out, __m512i qh[8], const 
         const __m512i m6 = _mm512_set1_epi32(0x3f3f3f3f), m4 = _mm512_set1_epi32(0x0f0f0f0f);
         const __m512i m2 = _mm512_set1_epi32(0x03030303), b0 = _mm512_set1_epi32(0xFF);
         const __m512i b1 = _mm512_set1_epi32(0xFF0000);
-        __m512i hd[8], v[4];
+        __m512i hd[4], v[4];
         const void *row[16];
 
         /* [d | dmin] and the 12 scale bytes are the block's first 16. */
         for (int r = 0; r < 16; r++)
                 row[r] = r < rn ? (const void *)(w + (size_t)r * ws + (size_t)b * bsz) : (const void *)zero;
-        lanes_transpose(row, hd);
+        lanes_transpose16(row, hd);
         out->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hd[0]));
         out->dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hd[0], 16)));
         /* mo_k4_scale_words on the lanes */
@@ -452,7 +476,15 @@ static void k4_wlanes(int64_t nsb, const uint8_t *w, size_t ws, int64_t nr, cons
                         case 5: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 5); break;
                         case 6: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 6); break;
                         case 7: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 7); break;
-                        default: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 8); break;
+                        case 8: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 8); break;
+                        case 9: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 9); break;
+                        case 10: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 10); break;
+                        case 11: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 11); break;
+                        case 12: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 12); break;
+                        case 13: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 13); break;
+                        case 14: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 14); break;
+                        case 15: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 15); break;
+                        default: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 16); break;
                         }
                 }
         }
