@@ -375,16 +375,6 @@ TILE_INLINE void k4_wlanes_step(const uint8_t *w, size_t ws, int rn, int64_t b, 
         __m512i sumi[K4_WLANES_COLS], qh[8];
         const void *row[16];
 
-        /* The same super-block of the next 16 rows: taken in this order,
-         * 16 short runs a row apart, the weights outrun the hardware's
-         * prefetch. */
-        for (int r = 16; r < 32; r++) {
-                const char *pf = (const char *)w + (size_t)r * ws + (size_t)b * bsz;
-
-                for (size_t o = 0; o < bsz; o += 64)
-                        _mm_prefetch(pf + o, _MM_HINT_T1);
-                _mm_prefetch(pf + bsz - 1, _MM_HINT_T1);
-        }
         k4_wlanes_scales(&sc, qh, w, ws, rn, b, five);
         for (int c = 0; c < NC; c++)
                 sumi[c] = _mm512_setzero_si512();
@@ -427,66 +417,6 @@ TILE_INLINE void k4_wlanes_step(const uint8_t *w, size_t ws, int rn, int64_t b, 
                         summ = _mm512_dpwssd_epi32(summ, sc.mn[k], _mm512_permutexvar_epi32(_mm512_set1_epi32(k), pr));
                 *acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[c]), _mm512_mul_ps(sc.d, dx), *acc[c]);
                 *acc[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(sc.dmin, dx), *acc[c]);
-        }
-}
-
-/* Rows [r0, r0 + 16) against NC <= K4_WLANES_COLS activation rows. */
-TILE_INLINE void k4_wlanes_group(int64_t nsb, const uint8_t *w, size_t ws, int rn, const uint8_t *a,
-                                 size_t as, float *y, int64_t ys, const bool five, const int NC)
-{
-        __m512 acc[K4_WLANES_COLS][K4_CHAINS];
-
-        for (int c = 0; c < NC; c++)
-                for (int s = 0; s < K4_CHAINS; s++)
-                        acc[c][s] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nsb; b++) {
-                const block_q8_k *x[K4_WLANES_COLS];
-                __m512 *ac[K4_WLANES_COLS];
-
-                for (int c = 0; c < NC; c++) {
-                        x[c] = (const block_q8_k *)(a + (size_t)c * as) + b;
-                        ac[c] = &acc[c][b % K4_CHAINS];
-                }
-                k4_wlanes_step(w, ws, rn, b, x, ac, five, NC);
-        }
-        for (int c = 0; c < NC; c++)
-                _mm512_mask_storeu_ps(y + c * ys, (__mmask16)((1u << rn) - 1),
-                                      _mm512_add_ps(_mm512_add_ps(acc[c][0], acc[c][1]),
-                                                    _mm512_add_ps(acc[c][2], acc[c][3])));
-}
-
-/* nr weight rows against nc activation rows over nsb super-blocks,
- * super-block b into chain b % 4 of each output. */
-static void k4_wlanes(int64_t nsb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a,
-                      size_t as, int64_t nc, float *y, int64_t ys, const bool five)
-{
-        for (int64_t r0 = 0; r0 < nr; r0 += 16) {
-                const int rn = (int)MO_MIN(nr - r0, 16);
-                const uint8_t *wr = w + (size_t)r0 * ws;
-
-                for (int64_t c = 0; c < nc; c += K4_WLANES_COLS) {
-                        const uint8_t *ac = a + (size_t)c * as;
-                        float *yc = y + c * ys + r0;
-
-                        switch (MO_MIN(nc - c, K4_WLANES_COLS)) {
-                        case 1: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 1); break;
-                        case 2: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 2); break;
-                        case 3: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 3); break;
-                        case 4: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 4); break;
-                        case 5: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 5); break;
-                        case 6: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 6); break;
-                        case 7: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 7); break;
-                        case 8: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 8); break;
-                        case 9: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 9); break;
-                        case 10: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 10); break;
-                        case 11: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 11); break;
-                        case 12: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 12); break;
-                        case 13: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 13); break;
-                        case 14: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 14); break;
-                        case 15: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 15); break;
-                        default: k4_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, five, 16); break;
-                        }
-                }
         }
 }
 #endif

@@ -229,75 +229,7 @@ Q_TILE(5_0)
 
 #include "kernels/cpu/dot-avx512-k4.h"
 
-/* Q6_K: each half of a block is [ql 64 B | qh 32 B]; values 0..63 meet the
- * activations, and 32 x scale x (sums of each 16) comes off at once. */
-TILE_INLINE void tile_Q6_K(int64_t n, const uint8_t *w, size_t ws, const uint8_t *a,
-                           size_t as, float *y, int64_t ys, const int NR, const int NC)
-{
-        const __m512i lo4 = _mm512_set1_epi8(0x0F), three = _mm512_set1_epi8(3);
-        __m512 acc[4][NC_MAX];
-        __m512i idx[4];
-
-        /* Lane k of scale vector i holds scale 4i + k/8 (int16 lanes). */
-        for (int i = 0; i < 4; i++) {
-                int16_t t[32];
-
-                for (int k = 0; k < 32; k++)
-                        t[k] = (int16_t)(4 * i + k / 8);
-                idx[i] = _mm512_loadu_si512(t);
-        }
-        for (int r = 0; r < NR; r++)
-                for (int c = 0; c < NC; c++)
-                        acc[r][c] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < n / QK_K; b++) {
-                for (int r = 0; r < NR; r++) {
-                        const block_q6_k *x = (const block_q6_k *)ROW(w, r, ws) + b;
-                        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
-                        __m512i scz = _mm512_castsi256_si512(sc16);
-                        __m512i sumi[NC_MAX];
-                        float d = half_to_f32(x->d);
-
-                        for (int c = 0; c < NC; c++) {
-                                const block_q8_k *ab = (const block_q8_k *)ROW(a, c, as) + b;
-                                __m256i bs = _mm256_loadu_si256((const __m256i *)ab->bsums);
-                                __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
-
-                                sumi[c] = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                                           _mm512_zextsi256_si512(corr));
-                        }
-                        for (int h = 0; h < 2; h++) {
-                                __m512i l = _mm512_loadu_si512(x->ql + 64 * h);
-                                __m256i hh = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * h));
-                                __m512i hb = join256(hh, _mm256_srli_epi16(hh, 2));
-                                __m512i q[2];
-
-                                q[0] = _mm512_or_si512(_mm512_and_si512(l, lo4),
-                                                       _mm512_slli_epi16(_mm512_and_si512(hb, three), 4));
-                                q[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), lo4),
-                                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 4), three), 4));
-                                for (int k = 0; k < 2; k++) {
-                                        __m512i s = _mm512_permutexvar_epi16(idx[2 * h + k], scz);
-
-                                        for (int c = 0; c < NC; c++) {
-                                                const int8_t *q8 = ((const block_q8_k *)ROW(a, c, as) + b)->qs + 128 * h + 64 * k;
-                                                __m512i p = _mm512_maddubs_epi16(q[k], _mm512_loadu_si512(q8));
-
-                                                sumi[c] = madd_acc(sumi[c], p, s);
-                                        }
-                                }
-                        }
-                        for (int c = 0; c < NC; c++) {
-                                const block_q8_k *ab = (const block_q8_k *)ROW(a, c, as) + b;
-
-                                acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(d * ab->d),
-                                                            _mm512_cvtepi32_ps(sumi[c]), acc[r][c]);
-                        }
-                }
-        }
-        for (int r = 0; r < NR; r++)
-                for (int c = 0; c < NC; c++)
-                        y[c * ys + r] = _mm512_reduce_add_ps(acc[r][c]);
-}
+#include "kernels/cpu/dot-avx512-k6.h"
 
 /* ---- drivers -------------------------------------------------------------- */
 
@@ -371,17 +303,18 @@ GEMM(Q4_0)
 GEMM(Q5_0)
 GEMM_K(gemm_tiles_Q4_K, Q4_K)
 GEMM_K(gemm_tiles_Q5_K, Q5_K)
-GEMM(Q6_K)
+GEMM_NAMED(gemm_tiles_Q6_K, Q6_K)
 
 /* With VNNI, batches (two activation rows or more) put the weight rows in
  * the lanes; one row, a decode's, streams through the tiles, whose reads
- * the hardware prefetches best. Both keep the same order. */
+ * the hardware prefetches best. Both keep the same order, for every
+ * K-quant. */
 static void gemm_Q4_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as,
                       int64_t nc, float *y, int64_t ys)
 {
 #ifdef __AVX512VNNI__
-        if (nc >= 2) {
-                k4_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, false);
+        if (nc >= 2 && ws <= (size_t)INT32_MAX / 16) {
+                kq_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, KQ_4);
                 return;
         }
 #endif
@@ -392,12 +325,24 @@ static void gemm_Q5_K(int64_t n, const void *w, size_t ws, int64_t nr, const voi
                       int64_t nc, float *y, int64_t ys)
 {
 #ifdef __AVX512VNNI__
-        if (nc >= 2) {
-                k4_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, true);
+        if (nc >= 2 && ws <= (size_t)INT32_MAX / 16) {
+                kq_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, KQ_5);
                 return;
         }
 #endif
         gemm_tiles_Q5_K(n, w, ws, nr, a, as, nc, y, ys);
+}
+
+static void gemm_Q6_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as,
+                      int64_t nc, float *y, int64_t ys)
+{
+#ifdef __AVX512VNNI__
+        if (nc >= K6_WLANES_MIN && ws <= (size_t)INT32_MAX / 16) {
+                kq_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, KQ_6);
+                return;
+        }
+#endif
+        gemm_tiles_Q6_K(n, w, ws, nr, a, as, nc, y, ys);
 }
 
 #ifdef __AVX512VNNI__
