@@ -313,8 +313,8 @@ TILE_INLINE void lanes_transpose16(const void *const row[16], __m512i out[4])
 /* The scales of super-block b of rows [0, rn) at w, ws apart (lanes from
  * rn on read zeros); qh[] gets Q5_K's high bits, qh[t] lane r bytes
  * 4t..4t+3 of the row's qh. */
-static void k4_wlanes_scales(struct k4_wlanes_scales *out, __m512i qh[8], const uint8_t *w, size_t ws,
-                             int rn, int64_t b, const bool five)
+TILE_INLINE void k4_wlanes_scales(struct k4_wlanes_scales *out, __m512i qh[8], const uint8_t *w, size_t ws,
+                                  int rn, int64_t b, const bool five)
 {
         static const uint8_t zero[32];
         const size_t bsz = five ? sizeof(block_q5_k) : sizeof(block_q4_k);
