@@ -11,6 +11,8 @@
  * small batches and everything without VNNI; with VNNI, batches of
  * K6_WLANES_MIN or more go to the weight lanes as Q4_K's do. */
 
+enum kq_kind { KQ_4, KQ_5, KQ_6 };
+
 /* One Q6_K super-block of one weight row against NC activation rows: vi[c]
  * holds 16 partial sums of sumi as int32; *d the block's scale. Each half
  * of a block is [ql 64 B | qh 32 B]; values 0..63 meet the activations,
@@ -214,8 +216,6 @@ TILE_INLINE void k6_wlanes_step(const uint8_t *w, size_t ws, int rn, int64_t b, 
                                           *acc[c]);
         }
 }
-
-enum kq_kind { KQ_4, KQ_5, KQ_6 };
 
 /* The same super-block of the next 16 rows, into L2: taken in this order,
  * 16 short runs a row apart, the weights outrun the hardware's prefetch. */

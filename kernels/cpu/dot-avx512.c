@@ -305,44 +305,43 @@ GEMM_K(gemm_tiles_Q4_K, Q4_K)
 GEMM_K(gemm_tiles_Q5_K, Q5_K)
 GEMM_NAMED(gemm_tiles_Q6_K, Q6_K)
 
-/* With VNNI, batches (two activation rows or more) put the weight rows in
- * the lanes; one row, a decode's, streams through the tiles, whose reads
- * the hardware prefetches best. Both keep the same order, for every
- * K-quant. */
-static void gemm_Q4_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as,
-                      int64_t nc, float *y, int64_t ys)
+/* With VNNI, batches (two activation rows or more; four for Q6_K) put the
+ * weight rows in the lanes; one row, a decode's, streams through the
+ * tiles, whose reads the hardware prefetches best. Both keep the same
+ * order, for every K-quant. */
+TILE_INLINE void gemm_kq(enum kq_kind kind, int64_t n, const void *w, size_t ws, int64_t nr, const void *a,
+                         size_t as, int64_t nc, float *y, int64_t ys)
 {
 #ifdef __AVX512VNNI__
-        if (nc >= 2 && ws <= (size_t)INT32_MAX / 16) {
-                kq_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, KQ_4);
+        if (nc >= (kind == KQ_6 ? K6_WLANES_MIN : 2) && ws <= (size_t)INT32_MAX / 16) {
+                kq_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, kind);
                 return;
         }
 #endif
-        gemm_tiles_Q4_K(n, w, ws, nr, a, as, nc, y, ys);
+        if (kind == KQ_4)
+                gemm_tiles_Q4_K(n, w, ws, nr, a, as, nc, y, ys);
+        else if (kind == KQ_5)
+                gemm_tiles_Q5_K(n, w, ws, nr, a, as, nc, y, ys);
+        else
+                gemm_tiles_Q6_K(n, w, ws, nr, a, as, nc, y, ys);
 }
 
-static void gemm_Q5_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as,
-                      int64_t nc, float *y, int64_t ys)
+static void gemm_Q4_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as, int64_t nc,
+                      float *y, int64_t ys)
 {
-#ifdef __AVX512VNNI__
-        if (nc >= 2 && ws <= (size_t)INT32_MAX / 16) {
-                kq_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, KQ_5);
-                return;
-        }
-#endif
-        gemm_tiles_Q5_K(n, w, ws, nr, a, as, nc, y, ys);
+        gemm_kq(KQ_4, n, w, ws, nr, a, as, nc, y, ys);
 }
 
-static void gemm_Q6_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as,
-                      int64_t nc, float *y, int64_t ys)
+static void gemm_Q5_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as, int64_t nc,
+                      float *y, int64_t ys)
 {
-#ifdef __AVX512VNNI__
-        if (nc >= K6_WLANES_MIN && ws <= (size_t)INT32_MAX / 16) {
-                kq_wlanes(n / QK_K, w, ws, nr, a, as, nc, y, ys, KQ_6);
-                return;
-        }
-#endif
-        gemm_tiles_Q6_K(n, w, ws, nr, a, as, nc, y, ys);
+        gemm_kq(KQ_5, n, w, ws, nr, a, as, nc, y, ys);
+}
+
+static void gemm_Q6_K(int64_t n, const void *w, size_t ws, int64_t nr, const void *a, size_t as, int64_t nc,
+                      float *y, int64_t ys)
+{
+        gemm_kq(KQ_6, n, w, ws, nr, a, as, nc, y, ys);
 }
 
 #ifdef __AVX512VNNI__
