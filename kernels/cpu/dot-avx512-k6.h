@@ -263,42 +263,44 @@ TILE_INLINE void kq_wlanes_group(int64_t nsb, const uint8_t *w, size_t ws, int r
                                                     _mm512_add_ps(acc[c][2], acc[c][3])));
 }
 
+/* One function per kind and column count, each laid out on its own: as
+ * cases of one switch, their speed moved by 15% with the code around them. */
+#define KQ_GROUP_ARGS int64_t nsb, const uint8_t *w, size_t ws, int rn, const uint8_t *a, size_t as, \
+                      float *y, int64_t ys
+typedef void kq_group_fn(KQ_GROUP_ARGS);
+#define KQ_GROUP_FN(K, N)                                                                         \
+        static __attribute__((noinline)) void kq_group_##K##_##N(KQ_GROUP_ARGS)                   \
+        {                                                                                         \
+                kq_wlanes_group(nsb, w, ws, rn, a, as, y, ys, K, lanes_offsets(ws), N);                        \
+        }
+#define KQ_GROUP_FNS(K)                                                                           \
+        KQ_GROUP_FN(K, 1) KQ_GROUP_FN(K, 2) KQ_GROUP_FN(K, 3) KQ_GROUP_FN(K, 4)                   \
+        KQ_GROUP_FN(K, 5) KQ_GROUP_FN(K, 6) KQ_GROUP_FN(K, 7) KQ_GROUP_FN(K, 8)                   \
+        KQ_GROUP_FN(K, 9) KQ_GROUP_FN(K, 10) KQ_GROUP_FN(K, 11) KQ_GROUP_FN(K, 12)                \
+        KQ_GROUP_FN(K, 13) KQ_GROUP_FN(K, 14) KQ_GROUP_FN(K, 15) KQ_GROUP_FN(K, 16)               \
+        static kq_group_fn *const kq_groups_##K[K4_WLANES_COLS] = {                               \
+                kq_group_##K##_1, kq_group_##K##_2, kq_group_##K##_3, kq_group_##K##_4,           \
+                kq_group_##K##_5, kq_group_##K##_6, kq_group_##K##_7, kq_group_##K##_8,           \
+                kq_group_##K##_9, kq_group_##K##_10, kq_group_##K##_11, kq_group_##K##_12,        \
+                kq_group_##K##_13, kq_group_##K##_14, kq_group_##K##_15, kq_group_##K##_16,       \
+        };
+KQ_GROUP_FNS(KQ_4)
+KQ_GROUP_FNS(KQ_5)
+KQ_GROUP_FNS(KQ_6)
+
 /* nr weight rows against nc activation rows over nsb super-blocks; rows
  * ws <= INT32_MAX / 16 bytes apart (Q6_K gathers its scales). */
 TILE_INLINE void kq_wlanes(int64_t nsb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a,
-                      size_t as, int64_t nc, float *y, int64_t ys, enum kq_kind kind)
+                           size_t as, int64_t nc, float *y, int64_t ys, enum kq_kind kind)
 {
-        const __m512i gidx = lanes_offsets(ws);
-
+        kq_group_fn *const *groups = kind == KQ_6 ? kq_groups_KQ_6 : kind == KQ_5 ? kq_groups_KQ_5 : kq_groups_KQ_4;
         for (int64_t r0 = 0; r0 < nr; r0 += 16) {
                 const int rn = (int)MO_MIN(nr - r0, 16);
-                const uint8_t *wr = w + (size_t)r0 * ws;
 
-                for (int64_t c = 0; c < nc; c += K4_WLANES_COLS) {
-                        const uint8_t *ac = a + (size_t)c * as;
-                        float *yc = y + c * ys + r0;
-
-#define KQ_GROUP(N) kq_wlanes_group(nsb, wr, ws, rn, ac, as, yc, ys, kind, gidx, N)
-                        switch (MO_MIN(nc - c, K4_WLANES_COLS)) {
-                        case 1: KQ_GROUP(1); break;
-                        case 2: KQ_GROUP(2); break;
-                        case 3: KQ_GROUP(3); break;
-                        case 4: KQ_GROUP(4); break;
-                        case 5: KQ_GROUP(5); break;
-                        case 6: KQ_GROUP(6); break;
-                        case 7: KQ_GROUP(7); break;
-                        case 8: KQ_GROUP(8); break;
-                        case 9: KQ_GROUP(9); break;
-                        case 10: KQ_GROUP(10); break;
-                        case 11: KQ_GROUP(11); break;
-                        case 12: KQ_GROUP(12); break;
-                        case 13: KQ_GROUP(13); break;
-                        case 14: KQ_GROUP(14); break;
-                        case 15: KQ_GROUP(15); break;
-                        default: KQ_GROUP(16); break;
-                        }
-#undef KQ_GROUP
-                }
+                for (int64_t c = 0; c < nc; c += K4_WLANES_COLS)
+                        groups[MO_MIN(nc - c, K4_WLANES_COLS) - 1](nsb, w + (size_t)r0 * ws, ws, rn,
+                                                                   a + (size_t)c * as, as,
+                                                                   y + c * ys + r0, ys);
         }
 }
 #endif
