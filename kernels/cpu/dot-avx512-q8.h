@@ -233,6 +233,44 @@ static void q8_short_pack(struct q8_short_rows *out, int64_t nb, const uint8_t *
         }
 }
 
+/* CN activation rows against the packed rows: each block's weights are
+ * read once for all CN, and CN independent chains keep the unit busy. */
+TILE_INLINE void q8_short_cols(const struct q8_short_rows *wt, int64_t nb, const uint8_t *a, size_t as,
+                               float *y, int64_t ys, int rn, const int CN)
+{
+        __m512 acc[4][4];
+
+        for (int c = 0; c < CN; c++)
+                for (int ch = 0; ch < 4; ch++)
+                        acc[c][ch] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int ch = 0; ch < 4; ch++) {
+                for (int64_t b = 4 * ch; b < MO_MIN(nb, 4 * ch + 4); b++) {
+                        __m512i s[4];
+
+                        for (int c = 0; c < CN; c++)
+                                s[c] = _mm512_setzero_si512();
+                        for (int t = 0; t < 8; t++)
+                                for (int c = 0; c < CN; c++) {
+                                        const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + b;
+
+                                        s[c] = q8_dot4(s[c], wt->wabs[b][t], wt->wneg[b][t],
+                                                       _mm512_set1_epi32((int)mo_load_u32le((const uint8_t *)x->qs + 4 * t)));
+                                }
+                        for (int c = 0; c < CN; c++) {
+                                const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + b;
+                                __m512 sc = _mm512_mul_ps(wt->d[b], _mm512_set1_ps(half_to_f32(x->d)));
+
+                                acc[c][ch] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[c]), sc, acc[c][ch]);
+                        }
+                }
+        }
+        for (int c = 0; c < CN; c++)
+                _mm512_mask_storeu_ps(y + c * ys, (__mmask16)((1u << rn) - 1),
+                                      _mm512_add_ps(_mm512_add_ps(acc[c][0], acc[c][1]),
+                                                    _mm512_add_ps(acc[c][2], acc[c][3])));
+}
+
 /* nr weight rows of nb < 16 blocks, ws <= INT32_MAX / 16 bytes apart. */
 static void q8_short(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a, size_t as,
                      int64_t nc, float *y, int64_t ys)
@@ -243,25 +281,16 @@ static void q8_short(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const 
                 const int rn = (int)MO_MIN(nr - r0, 16);
 
                 q8_short_pack(&wt, nb, w + (size_t)r0 * ws, ws, rn);
-                for (int64_t c = 0; c < nc; c++) {
-                        const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as);
-                        __m512 acc[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                                          _mm512_setzero_ps() };
+                for (int64_t c = 0; c < nc; c += 4) {
+                        const uint8_t *ac = a + (size_t)c * as;
+                        float *yc = y + c * ys + r0;
 
-#pragma GCC unroll 4
-                        for (int ch = 0; ch < 4; ch++) {
-                                for (int64_t b = 4 * ch; b < MO_MIN(nb, 4 * ch + 4); b++) {
-                                        __m512i s = _mm512_setzero_si512();
-                                        __m512 sc = _mm512_mul_ps(wt.d[b], _mm512_set1_ps(half_to_f32(x[b].d)));
-
-                                        for (int t = 0; t < 8; t++)
-                                                s = q8_dot4(s, wt.wabs[b][t], wt.wneg[b][t],
-                                                            _mm512_set1_epi32((int)mo_load_u32le((const uint8_t *)x[b].qs + 4 * t)));
-                                        acc[ch] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[ch]);
-                                }
+                        switch (MO_MIN(nc - c, 4)) {
+                        case 1: q8_short_cols(&wt, nb, ac, as, yc, ys, rn, 1); break;
+                        case 2: q8_short_cols(&wt, nb, ac, as, yc, ys, rn, 2); break;
+                        case 3: q8_short_cols(&wt, nb, ac, as, yc, ys, rn, 3); break;
+                        default: q8_short_cols(&wt, nb, ac, as, yc, ys, rn, 4); break;
                         }
-                        _mm512_mask_storeu_ps(y + c * ys + r0, (__mmask16)((1u << rn) - 1),
-                                              _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
                 }
         }
 }
@@ -446,7 +475,7 @@ static void gemm_Q8_0(int64_t n, const void *w, size_t ws, int64_t nr, const voi
 
 #ifdef __AVX512VNNI__
         /* The lanes' gather offsets are 32-bit. */
-        if (nb > 0 && as <= (size_t)INT32_MAX / 16)
+        if (nb >= Q8_GROUP && as <= (size_t)INT32_MAX / 16)
                 for (; nc - c >= Q8_LANES_MIN; c += MO_MIN(nc - c, Q8_LANES))
                         q8_lanes(nb, w, ws, nr, (const uint8_t *)a + c * as, as,
                                  (int)MO_MIN(nc - c, Q8_LANES), y + c * ys, ys);
