@@ -52,6 +52,7 @@ struct fwd_ctx {
         float *w_e;
         float *route_scratch;
         mo_matmul_job *jobs; /* products run together (matmul_many) */
+        mo_mla_args *attn;   /* [T] one per sequence of a step */
 
         /* decompressed reference: per layer W_UK [H][nope][Rkv], W_UV [H][v][Rkv] */
         float **wuk, **wuv;
@@ -227,8 +228,10 @@ int fwd_new(struct mo_model *m, mo_backend *b, int64_t max_tokens, struct fwd_ct
         f->w_e = calloc(T * K, sizeof *f->w_e);
         f->route_scratch = calloc(2 * X, sizeof *f->route_scratch);
         f->jobs = calloc(MO_MAX(2 * X, H), sizeof *f->jobs);
+        f->attn = calloc(T, sizeof *f->attn);
         if (!ok || !f->tok || !f->pos || !f->out_rows || !f->router_host || !f->exp_ids || !f->exp_w ||
-            !f->exp_start || !f->exp_order || !f->rows_e || !f->w_e || !f->route_scratch || !f->jobs) {
+            !f->exp_start || !f->exp_order || !f->rows_e || !f->w_e || !f->route_scratch || !f->jobs ||
+            !f->attn) {
                 fwd_free(f);
                 return moerr_set(e, -ENOMEM, "out of memory for a batch of %lld tokens", (long long)T);
         }
@@ -266,6 +269,7 @@ void fwd_free(struct fwd_ctx *f)
         free(f->w_e);
         free(f->route_scratch);
         free(f->jobs);
+        free(f->attn);
         shard_free(f->sh);
         free(f);
 }
@@ -394,7 +398,7 @@ static void mla_absorbed(struct fwd_ctx *f, const struct mo_layer *L, struct kv_
                                               H * Rkv, n };
         matmul_many(f->b, f->jobs, (int)H);
         for (int s = 0; s < n_seqs; s++) {
-                mo_mla_args a = {
+                f->attn[s] = (mo_mla_args){
                         .q_lat = f->q_lat + row0 * H * Rkv,
                         .q_pe = f->q_pe + row0 * H * hp->n_rot,
                         .out_lat = f->o_lat + row0 * H * Rkv,
@@ -408,9 +412,13 @@ static void mla_absorbed(struct fwd_ctx *f, const struct mo_layer *L, struct kv_
                         .pos0 = seqs[s].pos0,
                         .scale = f->m->kq_scale,
                 };
-                OPS(f)->mla_attn(f->b, &a);
                 row0 += seqs[s].n_tokens;
         }
+        if (OPS(f)->mla_attn_many)
+                OPS(f)->mla_attn_many(f->b, f->attn, n_seqs);
+        else
+                for (int s = 0; s < n_seqs; s++)
+                        OPS(f)->mla_attn(f->b, &f->attn[s]);
         for (int64_t h = 0; h < H; h++)
                 f->jobs[h] = (mo_matmul_job){ &L->v_b[h], f->o_lat + h * Rkv, H * Rkv,
                                               f->o + h * hp->n_v, H * hp->n_v, n };

@@ -116,6 +116,11 @@ struct mo_backend_ops {
                                  const int32_t *rows, const float *w,
                                  int64_t n, float *dst);
         void (*mla_attn)(mo_backend *b, const mo_mla_args *a);
+        /* mla_attn for n sequences, the same bits as n calls, as one piece
+         * of work: in a decode step every sequence has one query row, far
+         * too little to wake the cores for on its own. NULL: the engine
+         * calls mla_attn for each. */
+        void (*mla_attn_many)(mo_backend *b, const mo_mla_args *a, int n);
         /* Waits until every queued operation has finished. */
         void (*sync)(mo_backend *b);
         /* Backend memory is ordinary host memory (the CPU backend): the

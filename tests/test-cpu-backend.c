@@ -991,6 +991,76 @@ static void mla_attn_decode_over_long_context(void **state)
         mla_check(&c, 63);
 }
 
+/* A decode step's attention as one call: every sequence gets the bits of
+ * its own mla_attn call, whatever the others hold (lengths, query rows,
+ * block tables into one shared arena), at every level and thread count. */
+static void mla_attn_many_matches_one_call_per_sequence(void **state)
+{
+        enum { N_SEQ = 5, HEADS = 6, LORA = 48, ROPE = 8, BT = 4, PHYS = 40 };
+        const int64_t width = LORA + ROPE;
+        const int64_t n_q[N_SEQ] = { 1, 3, 1, 0, 2 }, pos0[N_SEQ] = { 0, 9, 17, 4, 30 };
+        float *kv = malloc(sizeof(float) * PHYS * BT * width);
+        int32_t table[N_SEQ][PHYS / N_SEQ];
+        mo_mla_args a[N_SEQ];
+        float *ql[N_SEQ], *qp[N_SEQ], *one[N_SEQ], *many[N_SEQ];
+
+        assert_non_null(kv);
+        tu_randf(kv, (size_t)(PHYS * BT * width), 71);
+        for (int s = 0; s < N_SEQ; s++) {
+                size_t qn = (size_t)(MO_MAX(n_q[s], 1) * HEADS);
+
+                /* Interleaved tables: sequence s owns physical blocks s, s + N_SEQ, ... */
+                for (int b = 0; b < PHYS / N_SEQ; b++)
+                        table[s][b] = (int32_t)(((PHYS / N_SEQ - 1 - b) * N_SEQ + s) % PHYS);
+                assert_true(pos0[s] + n_q[s] <= PHYS / N_SEQ * BT);
+                ql[s] = malloc(sizeof(float) * qn * LORA);
+                qp[s] = malloc(sizeof(float) * qn * ROPE);
+                one[s] = malloc(sizeof(float) * qn * LORA);
+                many[s] = malloc(sizeof(float) * qn * LORA);
+                assert_non_null(ql[s]);
+                assert_non_null(qp[s]);
+                assert_non_null(one[s]);
+                assert_non_null(many[s]);
+                tu_randf(ql[s], qn * LORA, 72 + s);
+                tu_randf(qp[s], qn * ROPE, 80 + s);
+                a[s] = (mo_mla_args){ .q_lat = ql[s], .q_pe = qp[s], .n_q = n_q[s], .n_head = HEADS,
+                                      .kv_lora = LORA, .rope = ROPE, .kv = kv, .block_table = table[s],
+                                      .block_tokens = BT, .pos0 = pos0[s], .scale = 0.125f };
+        }
+        for (int l = 0; l < n_levels(); l++)
+                for (int th = 1; th <= MAX_THREADS; th++) {
+                        mo_backend *b = be(l, th);
+
+                        assert_non_null(b->ops->mla_attn_many);
+                        for (int s = 0; s < N_SEQ; s++) {
+                                memset(one[s], 0x7f, sizeof(float) * (size_t)(MO_MAX(n_q[s], 1) * HEADS) * LORA);
+                                memset(many[s], 0x7f, sizeof(float) * (size_t)(MO_MAX(n_q[s], 1) * HEADS) * LORA);
+                                a[s].out_lat = one[s];
+                                b->ops->mla_attn(b, &a[s]);
+                                a[s].out_lat = many[s];
+                        }
+                        b->ops->mla_attn_many(b, a, N_SEQ);
+                        for (int s = 0; s < N_SEQ; s++) {
+                                size_t bytes = sizeof(float) * (size_t)(MO_MAX(n_q[s], 1) * HEADS) * LORA;
+
+                                assert_memory_equal(one[s], many[s], bytes);
+                                if (n_q[s] > 0)
+                                        assert_true(isfinite(many[s][0]) && fabsf(many[s][0]) < 10);
+                        }
+                }
+        /* Sequences of different shapes are refused: NaN, not a wrong read. */
+        a[1].n_head = HEADS - 1;
+        be(0, 2)->ops->mla_attn_many(be(0, 2), a, N_SEQ);
+        assert_true(isnan(many[0][0]));
+        for (int s = 0; s < N_SEQ; s++) {
+                free(ql[s]);
+                free(qp[s]);
+                free(one[s]);
+                free(many[s]);
+        }
+        free(kv);
+}
+
 /* ---- memory ops ----------------------------------------------------------------------- */
 
 static void alloc_is_zeroed_and_aligned_and_copies_move_bytes(void **state)
@@ -1237,6 +1307,7 @@ int main(void)
                 cmocka_unit_test(mla_attn_prefill_is_causal_over_shuffled_blocks),
                 cmocka_unit_test(mla_attn_first_tokens_see_only_themselves),
                 cmocka_unit_test(mla_attn_decode_over_long_context),
+                cmocka_unit_test(mla_attn_many_matches_one_call_per_sequence),
                 cmocka_unit_test(alloc_is_zeroed_and_aligned_and_copies_move_bytes),
         };
         const char *bench = getenv("MOED_CPU_BENCH");

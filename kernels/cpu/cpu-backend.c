@@ -26,6 +26,7 @@ struct cpu_ctx {
         const struct mo_cpu_kernels *k;
         struct mo_cpu_scratch act;       /* quantized activations, rope tables */
         struct mo_cpu_scratch plan;      /* a matmul call's task lists */
+        struct mo_cpu_scratch mla_plan;  /* an attention call's task counts */
         struct mo_cpu_scratch *per_thread; /* attention scores and queries */
 };
 
@@ -354,8 +355,12 @@ static void cpu_scatter_add_rows(mo_backend *b, const float *src, int64_t dim,
 
 /* ---- MLA attention ------------------------------------------------------------ */
 
+/* The tasks of one mla_attn_many call: sequence s owns tasks
+ * [task_end[s-1], task_end[s]), n_q rows of tasks_per_row head groups. */
 struct mla_job {
         const mo_mla_args *a;
+        const int64_t *task_end;
+        int n;
         const struct mo_cpu_kernels *k;
         struct mo_cpu_scratch *per_thread;
         int64_t heads_per_task, tasks_per_row, n_ctx_max;
@@ -364,10 +369,9 @@ struct mla_job {
 /* Scores of `g` heads against every visible token, one physical block at a
  * time, with the F32 kernel (cache rows are the "weights", queries the
  * activations). */
-static void mla_scores(const struct mla_job *j, const float *qcat, int64_t g, int64_t n_ctx,
-                       float *scores)
+static void mla_scores(const struct mla_job *j, const mo_mla_args *a, const float *qcat, int64_t g,
+                       int64_t n_ctx, float *scores)
 {
-        const mo_mla_args *a = j->a;
         int64_t width = a->kv_lora + a->rope;
 
         for (int64_t t0 = 0; t0 < n_ctx; t0 += a->block_tokens) {
@@ -399,10 +403,9 @@ static float mla_softmax(float *s, int64_t n, float scale)
 
 /* out[h] = sum_t p[h][t] * c_t / sum[h]: each cached row is read once for
  * the whole group of heads. */
-static void mla_mix(const struct mla_job *j, const float *p, const float *sums, int64_t g,
-                    int64_t n_ctx, float *out, int64_t out_head_stride)
+static void mla_mix(const struct mla_job *j, const mo_mla_args *a, const float *p, const float *sums,
+                    int64_t g, int64_t n_ctx, float *out, int64_t out_head_stride)
 {
-        const mo_mla_args *a = j->a;
         int64_t width = a->kv_lora + a->rope, kl = a->kv_lora;
 
         for (int64_t h = 0; h < g; h++)
@@ -428,63 +431,103 @@ static void mla_mix(const struct mla_job *j, const float *p, const float *sums, 
         }
 }
 
-static void mla_part(void *arg, int64_t begin, int64_t end, int tid)
+/* Query row i of sequence a, heads h0 .. h0 + g - 1. */
+static void mla_task(const struct mla_job *j, const mo_mla_args *a, int64_t i, int64_t h0, int64_t g,
+                     float *qcat)
 {
-        const struct mla_job *j = arg;
-        const mo_mla_args *a = j->a;
-        int64_t width = a->kv_lora + a->rope;
-        float *qcat = j->per_thread[tid].p;
+        int64_t width = a->kv_lora + a->rope, n_ctx = a->pos0 + i + 1;
         float *scores = qcat + j->heads_per_task * width;
         float sums[64];
 
-        for (int64_t task = begin; task < end; task++) {
-                int64_t i = task / j->tasks_per_row;
-                int64_t h0 = task % j->tasks_per_row * j->heads_per_task;
-                int64_t g = MO_MIN(j->heads_per_task, a->n_head - h0);
-                int64_t n_ctx = a->pos0 + i + 1;
+        for (int64_t h = 0; h < g; h++) {
+                int64_t qi = i * a->n_head + h0 + h;
 
-                for (int64_t h = 0; h < g; h++) {
-                        int64_t qi = i * a->n_head + h0 + h;
-
-                        memcpy(qcat + h * width, a->q_lat + qi * a->kv_lora,
-                               sizeof(float) * (size_t)a->kv_lora);
-                        memcpy(qcat + h * width + a->kv_lora, a->q_pe + qi * a->rope,
-                               sizeof(float) * (size_t)a->rope);
-                }
-                mla_scores(j, qcat, g, n_ctx, scores);
-                for (int64_t h = 0; h < g; h++)
-                        sums[h] = mla_softmax(scores + h * j->n_ctx_max, n_ctx, a->scale);
-                mla_mix(j, scores, sums, g, n_ctx, a->out_lat + (i * a->n_head + h0) * a->kv_lora,
-                        a->kv_lora);
+                memcpy(qcat + h * width, a->q_lat + qi * a->kv_lora, sizeof(float) * (size_t)a->kv_lora);
+                memcpy(qcat + h * width + a->kv_lora, a->q_pe + qi * a->rope, sizeof(float) * (size_t)a->rope);
         }
+        mla_scores(j, a, qcat, g, n_ctx, scores);
+        for (int64_t h = 0; h < g; h++)
+                sums[h] = mla_softmax(scores + h * j->n_ctx_max, n_ctx, a->scale);
+        mla_mix(j, a, scores, sums, g, n_ctx, a->out_lat + (i * a->n_head + h0) * a->kv_lora, a->kv_lora);
+}
+
+static void mla_part(void *arg, int64_t begin, int64_t end, int tid)
+{
+        const struct mla_job *j = arg;
+        int s = 0;
+
+        while (j->task_end[s] <= begin)
+                s++;
+        for (int64_t task = begin; task < end; task++) {
+                int64_t local;
+                const mo_mla_args *a;
+
+                while (task >= j->task_end[s])
+                        s++;
+                a = &j->a[s];
+                local = task - (s ? j->task_end[s - 1] : 0);
+                mla_task(j, a, local / j->tasks_per_row, local % j->tasks_per_row * j->heads_per_task,
+                         MO_MIN(j->heads_per_task, a->n_head - local % j->tasks_per_row * j->heads_per_task),
+                         j->per_thread[tid].p);
+        }
+}
+
+static bool mla_args_valid(const mo_mla_args *a, int n)
+{
+        for (int s = 0; s < n; s++)
+                if (a[s].n_head != a[0].n_head || a[s].kv_lora != a[0].kv_lora || a[s].rope != a[0].rope ||
+                    a[s].n_q < 0 || a[s].pos0 < 0)
+                        return false;
+        return true;
+}
+
+static void mla_fail(const mo_mla_args *a, int n, const char *why, int r)
+{
+        report_once(why, r);
+        for (int s = 0; s < n; s++)
+                if (a[s].n_q > 0 && a[s].n_head > 0 && a[s].kv_lora > 0)
+                        fill_nan(a[s].out_lat, a[s].n_q * a[s].n_head * a[s].kv_lora);
+}
+
+static void cpu_mla_attn_many(mo_backend *b, const mo_mla_args *a, int n)
+{
+        struct cpu_ctx *c = ctx_of(b);
+        int threads = mo_pool_threads(c->pool);
+        struct mla_job j = { .a = a, .n = n, .k = c->k, .per_thread = c->per_thread };
+        int64_t width, rows = 0, *task_end;
+        size_t need;
+
+        if (n <= 0 || a[0].n_head <= 0)
+                return;
+        if (!mla_args_valid(a, n))
+                return mla_fail(a, n, "mla_attn: sequences of different shapes", -EINVAL);
+        if (!(task_end = mo_cpu_scratch_get(&c->mla_plan, sizeof(int64_t) * (size_t)n)))
+                return mla_fail(a, n, "mla_attn", -ENOMEM);
+        width = a[0].kv_lora + a[0].rope;
+        for (int s = 0; s < n; s++) {
+                rows += a[s].n_q;
+                j.n_ctx_max = MO_MAX(j.n_ctx_max, a[s].pos0 + a[s].n_q);
+        }
+        if (rows == 0)
+                return;
+        /* Groups of heads share each read of a cached row; keep enough tasks
+         * for every thread, and at most 64 heads (the sums buffer). */
+        j.heads_per_task = MO_MAX(1, MO_MIN(64, a[0].n_head * rows / (4 * threads)));
+        j.heads_per_task = MO_MIN(j.heads_per_task, a[0].n_head);
+        j.tasks_per_row = (a[0].n_head + j.heads_per_task - 1) / j.heads_per_task;
+        for (int s = 0; s < n; s++)
+                task_end[s] = (s ? task_end[s - 1] : 0) + j.tasks_per_row * a[s].n_q;
+        j.task_end = task_end;
+        need = sizeof(float) * (size_t)(j.heads_per_task * (width + j.n_ctx_max));
+        for (int t = 0; t < threads; t++)
+                if (!mo_cpu_scratch_get(&c->per_thread[t], need))
+                        return mla_fail(a, n, "mla_attn", -ENOMEM);
+        mo_pool_for(c->pool, task_end[n - 1], 1, mla_part, &j);
 }
 
 static void cpu_mla_attn(mo_backend *b, const mo_mla_args *a)
 {
-        struct cpu_ctx *c = ctx_of(b);
-        int threads = mo_pool_threads(c->pool);
-        struct mla_job j = { .a = a, .k = c->k, .per_thread = c->per_thread };
-        int64_t width = a->kv_lora + a->rope, n_tasks;
-        size_t need;
-
-        if (a->n_q <= 0 || a->n_head <= 0)
-                return;
-        /* Groups of heads share each read of a cached row; keep enough tasks
-         * for every thread, and at most 64 heads (the sums buffer). */
-        j.heads_per_task = MO_MAX(1, MO_MIN(64, a->n_head * a->n_q / (4 * threads)));
-        j.heads_per_task = MO_MIN(j.heads_per_task, a->n_head);
-        j.tasks_per_row = (a->n_head + j.heads_per_task - 1) / j.heads_per_task;
-        j.n_ctx_max = a->pos0 + a->n_q;
-        n_tasks = j.tasks_per_row * a->n_q;
-        need = sizeof(float) * (size_t)(j.heads_per_task * (width + j.n_ctx_max));
-        for (int t = 0; t < threads; t++) {
-                if (!mo_cpu_scratch_get(&c->per_thread[t], need)) {
-                        report_once("mla_attn", -ENOMEM);
-                        fill_nan(a->out_lat, a->n_q * a->n_head * a->kv_lora);
-                        return;
-                }
-        }
-        mo_pool_for(c->pool, n_tasks, 1, mla_part, &j);
+        cpu_mla_attn_many(b, a, 1);
 }
 
 /* ---- construction ---------------------------------------------------------------- */
@@ -498,6 +541,7 @@ static void cpu_destroy(mo_backend *b)
         mo_pool_free(c->pool);
         mo_cpu_scratch_release(&c->act);
         mo_cpu_scratch_release(&c->plan);
+        mo_cpu_scratch_release(&c->mla_plan);
         free(c->per_thread);
         free(c);
 }
@@ -521,6 +565,7 @@ static const struct mo_backend_ops cpu_ops = {
         .gather_rows = cpu_gather_rows,
         .scatter_add_rows = cpu_scatter_add_rows,
         .mla_attn = cpu_mla_attn,
+        .mla_attn_many = cpu_mla_attn_many,
         .sync = cpu_sync,
         .host_memory = true,
 };

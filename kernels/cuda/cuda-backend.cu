@@ -638,6 +638,8 @@ static const struct mo_backend_ops cuda_ops = {
         .gather_rows = cuda_op_gather_rows,
         .scatter_add_rows = cuda_op_scatter_add_rows,
         .mla_attn = cuda_op_mla_attn,
+        /* One launch per sequence for now; a batched launch would go here. */
+        .mla_attn_many = nullptr,
         .sync = cuda_sync,
         .host_memory = false,
 };
