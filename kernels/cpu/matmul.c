@@ -136,9 +136,9 @@ static void gemm_tasks(void *arg, int64_t begin, int64_t end, int tid)
         }
 }
 
-static int64_t round_up4(int64_t v)
+static int64_t round_up(int64_t v, int64_t to)
 {
-        return (v + 3) / 4 * 4;
+        return (v + to - 1) / to * to;
 }
 
 /* Task shape: decode wants contiguous weight chunks, several per thread
@@ -155,12 +155,15 @@ static void plan_tasks(struct gemm_job *j, int threads, double share)
                 int64_t chunks = MO_MAX((int64_t)(8 * threads * share + 0.5), 1);
                 int64_t fit = (int64_t)(TASK_WEIGHT_BYTES / MO_MAX(j->w->row_bytes, 1));
 
-                j->rows_per_task = round_up4(MO_MAX(MO_MIN(nrows / chunks, fit), 4));
+                j->rows_per_task = round_up(MO_MAX(MO_MIN(nrows / chunks, fit), 4), 4);
         } else {
                 int64_t fit = (int64_t)(TASK_WEIGHT_BYTES / MO_MAX(j->w->row_bytes, 1));
                 int64_t spread = nrows * j->col_tasks / (4 * threads);
 
-                j->rows_per_task = round_up4(MO_MAX(MO_MIN(fit, spread / j->col_tasks), 4));
+                /* Whole groups of 16 rows: the batch kernels put 16 weight
+                 * rows in the lanes, and a task's partial group costs as
+                 * much as a full one. */
+                j->rows_per_task = round_up(MO_MAX(MO_MIN(fit, spread / j->col_tasks), 4), 16);
         }
 }
 
