@@ -204,7 +204,9 @@ static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as,
  * (transposed once, shared by every activation row) and broadcasts the
  * activations, so that a block's dot lands in one lane with nothing to
  * reduce. Such rows lie next to each other, so 16 of them are one stream.
- * Block b goes to chain b / 4 in ascending order, as in the row kernel. */
+ * Block b goes to chain b / 4 in ascending order, as in the row kernel.
+ * It serves every batch size for such rows, so a column's bits never
+ * depend on how many came with it. */
 struct q8_short_rows {
         __m512i wabs[Q8_GROUP - 1][8]; /* |w| of block b, dword t in lane r */
         __mmask64 wneg[Q8_GROUP - 1][8];
@@ -474,7 +476,10 @@ static void gemm_Q8_0(int64_t n, const void *w, size_t ws, int64_t nr, const voi
         int64_t c = 0;
 
 #ifdef __AVX512VNNI__
-        /* The lanes' gather offsets are 32-bit. */
+        /* The lanes' gather offsets are 32-bit. Short rows stay on the
+         * short kernel at every batch size: it already shares each packed
+         * block among its activation rows, and the lanes kernel's set-up
+         * per group of 16 blocks does not pay for two. */
         if (nb >= Q8_GROUP && as <= (size_t)INT32_MAX / 16)
                 for (; nc - c >= Q8_LANES_MIN; c += MO_MIN(nc - c, Q8_LANES))
                         q8_lanes(nb, w, ws, nr, (const uint8_t *)a + c * as, as,
