@@ -221,13 +221,8 @@ TILE_INLINE void k6_wlanes_step(const uint8_t *w, size_t ws, int rn, int64_t b, 
  * 16 short runs a row apart, the weights outrun the hardware's prefetch. */
 TILE_INLINE void kq_prefetch_next(const uint8_t *w, size_t ws, int64_t b, size_t bsz)
 {
-        for (int r = 16; r < 32; r++) {
-                const char *pf = (const char *)w + (size_t)r * ws + (size_t)b * bsz;
-
-                for (size_t o = 0; o < bsz; o += 64)
-                        _mm_prefetch(pf + o, _MM_HINT_T1);
-                _mm_prefetch(pf + bsz - 1, _MM_HINT_T1);
-        }
+        for (int r = 16; r < 32; r++)
+                prefetch_l2(w + (size_t)r * ws + (size_t)b * bsz, bsz);
 }
 
 /* 16 weight rows (rn of them live) against NC <= K4_WLANES_COLS activation

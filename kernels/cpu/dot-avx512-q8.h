@@ -283,6 +283,13 @@ static void q8_short(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const 
                 const int rn = (int)MO_MIN(nr - r0, 16);
 
                 q8_short_pack(&wt, nb, w + (size_t)r0 * ws, ws, rn);
+                /* The 16 rows after the next, while these meet the
+                 * activations: the pack's walk down 16 rows at once defeats
+                 * the hardware's prefetch. Streamed from memory, wq_b of the
+                 * bench shape ran at half its in-cache speed at 16 columns
+                 * and a quarter at one. */
+                for (int64_t r = r0 + 32; r < MO_MIN(r0 + 48, nr); r++)
+                        prefetch_l2(w + (size_t)r * ws, (size_t)nb * sizeof(block_q8_0));
                 for (int64_t c = 0; c < nc; c += 4) {
                         const uint8_t *ac = a + (size_t)c * as;
                         float *yc = y + c * ys + r0;
@@ -425,20 +432,6 @@ TILE_INLINE void lanes_chains_end(__m512 acc[2][4], __m512 keep[][4], int64_t r,
         }
 }
 
-/* Blocks [b0, b0 + bn) of weight row r, into L2: the lanes kernel takes
- * each row's blocks in the chains' order, two rows at a time, which the
- * hardware's prefetchers do not follow (it ran at 60% of its in-cache
- * speed on the output head). */
-TILE_INLINE void q8_prefetch_row(const uint8_t *w, size_t ws, int64_t r, int64_t b0, int64_t bn)
-{
-        const char *p = (const char *)w + (size_t)r * ws + (size_t)b0 * sizeof(block_q8_0);
-        size_t len = (size_t)bn * sizeof(block_q8_0);
-
-        for (size_t o = 0; o < len; o += 64)
-                _mm_prefetch(p + o, _MM_HINT_T1);
-        _mm_prefetch(p + len - 1, _MM_HINT_T1);
-}
-
 /* nr weight rows against nt <= Q8_LANES activation rows. */
 static void q8_lanes(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a,
                      size_t as, int nt, float *y, int64_t ys)
@@ -461,8 +454,13 @@ static void q8_lanes(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const 
                                 const int rows = rn - r >= 2 ? 2 : 1;
                                 __m512 acc[2][4];
 
+                                /* The lanes take a row's blocks in the chains' order,
+                                 * two rows at a time, which the hardware's prefetchers
+                                 * do not follow: on the output head it ran at 60% of
+                                 * its in-cache speed without this. */
                                 for (int64_t p = r0 + r + 4; p < MO_MIN(r0 + r + 4 + rows, nr); p++)
-                                        q8_prefetch_row(w, ws, p, b0, bn);
+                                        prefetch_l2(w + (size_t)p * ws + (size_t)b0 * sizeof(block_q8_0),
+                                                    (size_t)bn * sizeof(block_q8_0));
                                 lanes_chains_begin(acc, keep, r, rows, b0 == 0);
                                 if (rows == 2)
                                         q8_lanes_rows(wr, ws, pk, bn, acc, 2);

@@ -24,6 +24,15 @@ TILE_INLINE float half_to_f32(mo_half h)
         return _cvtsh_ss(h);
 }
 
+/* len bytes from p into L2, for weights that a kernel takes in an order
+ * the hardware's prefetchers do not follow. */
+TILE_INLINE void prefetch_l2(const void *p, size_t len)
+{
+        for (size_t o = 0; o < len; o += 64)
+                _mm_prefetch((const char *)p + o, _MM_HINT_T1);
+        _mm_prefetch((const char *)p + len - 1, _MM_HINT_T1);
+}
+
 TILE_INLINE __m512i join256(__m256i lo, __m256i hi)
 {
         return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
