@@ -804,15 +804,22 @@ static void swiglu_and_add_match_reference_and_allow_aliasing(void **state)
         tu_randf(u, n, 32);
         for (int64_t k = 0; k < n; k++)
                 g[k] *= 12; /* reach the tails of silu */
-        memcpy(g2, g, sizeof(float) * n);
-        be(0, 3)->ops->swiglu(be(0, 3), g, u, o, n);
-        for (int64_t k = 0; k < n; k++) {
-                double want = g[k] / (1 + exp(-(double)g[k])) * u[k];
+        /* and the ends of e^x: past FLT_MAX, into the denormals, beyond both */
+        g[0] = 88.5f, g[1] = -88.5f, g[2] = 100.0f, g[3] = -100.0f, g[4] = 1e30f, g[5] = -1e30f;
+        for (int l = 0; l < n_levels(); l++) {
+                memcpy(g2, g, sizeof(float) * n);
+                be(l, 3)->ops->swiglu(be(l, 3), g, u, o, n);
+                for (int64_t k = 0; k < n; k++) {
+                        double want = g[k] / (1 + exp(-(double)g[k])) * u[k];
 
-                assert_true(fabs(o[k] - want) <= 1e-6 * (fabs(want) + 1e-3));
+                        if (!(fabs(o[k] - want) <= 1e-6 * (fabs(want) + 1e-3)))
+                                fail_msg("%s: swiglu(%g, %g) = %.9g, want %.9g", mo_simd_name((enum mo_simd)l),
+                                         g[k], u[k], o[k], want);
+                }
+                /* Two threads cut the range elsewhere; out aliases gate. */
+                be(l, 2)->ops->swiglu(be(l, 2), g2, u, g2, n);
+                assert_memory_equal(g2, o, sizeof(float) * n);
         }
-        be(0, 2)->ops->swiglu(be(0, 2), g2, u, g2, n);
-        assert_memory_equal(g2, o, sizeof(float) * n);
         memcpy(g2, u, sizeof(float) * n);
         be(0, 3)->ops->add(be(0, 3), g2, g, n);
         for (int64_t k = 0; k < n; k++)
@@ -821,6 +828,81 @@ static void swiglu_and_add_match_reference_and_allow_aliasing(void **state)
         free(u);
         free(o);
         free(g2);
+}
+
+/* e^x through the softmax kernel of every level: within 2 ulp of the true
+ * value from the largest float result down into the denormals, exactly
+ * 0 below them, 1 at the maximum, NaN for NaN; the sum that of the
+ * results. */
+static void softmax_exp_is_within_two_ulp_at_every_level(void **state)
+{
+        enum { N = 4099 };
+        float *x = malloc(sizeof(float) * N), *s = malloc(sizeof(float) * N);
+
+        assert_non_null(x);
+        assert_non_null(s);
+        /* x - max spans [-110, 0]: below e^-103.97, half the least denormal. */
+        for (int i = 0; i < N; i++)
+                x[i] = -110.0f * (float)i / (N - 1) + 88.5f;
+        x[N / 2] = 88.5f;
+        for (int l = 0; l < n_levels(); l++) {
+                const struct mo_cpu_kernels *k = mo_cpu_kernels_at((enum mo_simd)l);
+                double sum = 0;
+                float got;
+
+                memcpy(s, x, sizeof(float) * N);
+                got = k->softmax(s, N, 1.0f);
+                for (int i = 0; i < N; i++) {
+                        double want = exp((double)x[i] - 88.5);
+                        double ulp = want < 0x1p-126 ? 0x1p-149 : ldexp(1.0, ilogb(want) - 23);
+
+                        sum += s[i];
+                        if (!(fabs(s[i] - want) <= 2 * ulp))
+                                fail_msg("%s: e^%.9g = %.9g, want %.9g", mo_simd_name((enum mo_simd)l),
+                                         (double)x[i] - 88.5, s[i], want);
+                }
+                if (!(s[0] == 1.0f && s[N / 2] == 1.0f && s[N - 1] == 0.0f))
+                        fail_msg("%s: %g %g %g", mo_simd_name((enum mo_simd)l), s[0], s[N / 2], s[N - 1]);
+                /* The bound of float summation of N positive terms. */
+                assert_true(fabs(got - sum) <= N * 0x1p-24 * sum);
+
+                /* Scaled scores, and e^x of the largest float results. */
+                for (int i = 0; i < 64; i++)
+                        s[i] = (float)i;
+                got = k->softmax(s, 64, 1.375f);
+                for (int i = 0; i < 64; i++)
+                        assert_true(fabs(s[i] - exp(1.375 * i - 1.375 * 63)) <= 2 * ldexp(1.0, ilogb(s[i]) - 23));
+                s[0] = NAN;
+                s[1] = 0.0f;
+                k->softmax(s, 2, 1.0f);
+                assert_true(isnan(s[0]));
+        }
+        free(x);
+        free(s);
+}
+
+/* Where an element falls, in the vector body or the masked tail, does not
+ * change its bits. Enough elements that libm's expf, in a tail written
+ * as a scalar loop, would differ somewhere. */
+static void swiglu_bits_do_not_depend_on_position(void **state)
+{
+        enum { N = 3001 };
+        static float g[N], u[N], all[N], part[N];
+
+        tu_randf(g, N, 41);
+        tu_randf(u, N, 42);
+        for (int i = 0; i < N; i++)
+                g[i] *= 30;
+        for (int l = 0; l < n_levels(); l++) {
+                const struct mo_cpu_kernels *k = mo_cpu_kernels_at((enum mo_simd)l);
+
+                k->swiglu(g, u, all, N);
+                for (int off = 1; off < 17; off++) {
+                        k->swiglu(g + off, u + off, part, N - off);
+                        if (memcmp(part, all + off, sizeof(float) * (N - off)))
+                                fail_msg("%s: swiglu from element %d differs", mo_simd_name((enum mo_simd)l), off);
+                }
+        }
 }
 
 /* ---- gather / scatter -------------------------------------------------------------- */
@@ -1302,6 +1384,8 @@ int main(void)
                 cmocka_unit_test(rope_rotates_adjacent_pairs_by_hand),
                 cmocka_unit_test(rope_matches_reference_for_heads_and_positions),
                 cmocka_unit_test(swiglu_and_add_match_reference_and_allow_aliasing),
+                cmocka_unit_test(softmax_exp_is_within_two_ulp_at_every_level),
+                cmocka_unit_test(swiglu_bits_do_not_depend_on_position),
                 cmocka_unit_test(gather_rows_copies_the_named_rows),
                 cmocka_unit_test(scatter_add_accumulates_repeated_rows_in_order),
                 cmocka_unit_test(mla_attn_prefill_is_causal_over_shuffled_blocks),

@@ -261,23 +261,20 @@ static void cpu_rope(mo_backend *b, float *x, int64_t m, int64_t n_head, int64_t
 struct ew_job {
         const float *a, *b;
         float *out;
+        const struct mo_cpu_kernels *k;
 };
 
 static void swiglu_part(void *arg, int64_t begin, int64_t end, int tid)
 {
         const struct ew_job *j = arg;
 
-        for (int64_t k = begin; k < end; k++) {
-                float g = j->a[k];
-
-                j->out[k] = g / (1.0f + expf(-g)) * j->b[k];
-        }
+        j->k->swiglu(j->a + begin, j->b + begin, j->out + begin, end - begin);
 }
 
 static void cpu_swiglu(mo_backend *b, const float *gate, const float *up, float *out, int64_t n)
 {
         struct cpu_ctx *c = ctx_of(b);
-        struct ew_job j = { gate, up, out };
+        struct ew_job j = { gate, up, out, c->k };
 
         mo_pool_for(c->pool, n, grain_for(c, n, 1), swiglu_part, &j);
 }
@@ -293,7 +290,7 @@ static void add_part(void *arg, int64_t begin, int64_t end, int tid)
 static void cpu_add(mo_backend *b, float *y, const float *x, int64_t n)
 {
         struct cpu_ctx *c = ctx_of(b);
-        struct ew_job j = { x, NULL, y };
+        struct ew_job j = { x, NULL, y, c->k };
 
         mo_pool_for(c->pool, n, grain_for(c, n, 1), add_part, &j);
 }
@@ -385,22 +382,6 @@ static void mla_scores(const struct mla_job *j, const mo_mla_args *a, const floa
         }
 }
 
-/* Softmax in place; returns the sum of the exponentials. */
-static float mla_softmax(float *s, int64_t n, float scale)
-{
-        float mx = -INFINITY, sum = 0;
-
-        for (int64_t t = 0; t < n; t++) {
-                s[t] *= scale;
-                mx = MO_MAX(mx, s[t]);
-        }
-        for (int64_t t = 0; t < n; t++) {
-                s[t] = expf(s[t] - mx);
-                sum += s[t];
-        }
-        return sum;
-}
-
 /* out[h] = sum_t p[h][t] * c_t / sum[h]: each cached row is read once for
  * the whole group of heads. */
 static void mla_mix(const struct mla_job *j, const mo_mla_args *a, const float *p, const float *sums,
@@ -447,7 +428,7 @@ static void mla_task(const struct mla_job *j, const mo_mla_args *a, int64_t i, i
         }
         mla_scores(j, a, qcat, g, n_ctx, scores);
         for (int64_t h = 0; h < g; h++)
-                sums[h] = mla_softmax(scores + h * j->n_ctx_max, n_ctx, a->scale);
+                sums[h] = j->k->softmax(scores + h * j->n_ctx_max, n_ctx, a->scale);
         mla_mix(j, a, scores, sums, g, n_ctx, a->out_lat + (i * a->n_head + h0) * a->kv_lora, a->kv_lora);
 }
 

@@ -372,4 +372,6 @@ void mo_cpu_kernels_avx512(struct mo_cpu_kernels *k)
         k->gemm[MO_TYPE_Q6_K] = gemm_Q6_K;
         k->quant_q8_0 = mo_quantize_q8_0_avx2;
         k->quant_q8_k = mo_quantize_q8_k_avx2;
+        k->swiglu = mo_swiglu_avx2;
+        k->softmax = mo_softmax_avx2;
 }

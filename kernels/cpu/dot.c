@@ -4,10 +4,12 @@
  * both the fallback for any CPU and a readable statement of the method. */
 #include "kernels/cpu/dot.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cleanup.h"
 #include "kernels/cpu/dot-impl.h"
 
 static const char *const simd_names[] = {
@@ -363,6 +365,32 @@ DEFINE_GEMM(q4_k)
 DEFINE_GEMM(q5_k)
 DEFINE_GEMM(q6_k)
 
+/* ---- element-wise kernels: libm's expf, one element at a time ---- */
+
+static void swiglu_scalar(const float *gate, const float *up, float *out, int64_t n)
+{
+        for (int64_t i = 0; i < n; i++) {
+                float g = gate[i];
+
+                out[i] = g / (1.0f + expf(-g)) * up[i];
+        }
+}
+
+static float softmax_scalar(float *s, int64_t n, float scale)
+{
+        float mx = -INFINITY, sum = 0;
+
+        for (int64_t i = 0; i < n; i++) {
+                s[i] *= scale;
+                mx = MO_MAX(mx, s[i]);
+        }
+        for (int64_t i = 0; i < n; i++) {
+                s[i] = expf(s[i] - mx);
+                sum += s[i];
+        }
+        return sum;
+}
+
 void mo_cpu_kernels_scalar(struct mo_cpu_kernels *k)
 {
         static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -381,4 +409,6 @@ void mo_cpu_kernels_scalar(struct mo_cpu_kernels *k)
         k->gemm[MO_TYPE_Q6_K] = gemm_q6_k;
         k->quant_q8_0 = mo_quantize_row_q8_0;
         k->quant_q8_k = mo_quantize_row_q8_k;
+        k->swiglu = swiglu_scalar;
+        k->softmax = softmax_scalar;
 }

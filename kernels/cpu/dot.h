@@ -29,11 +29,23 @@ typedef void (*mo_gemm_fn)(int64_t n, const void *w, size_t w_stride, int64_t nr
 typedef void (*mo_quant_q8_0_fn)(const float *x, block_q8_0 *y, int64_t n);
 typedef void (*mo_quant_q8_k_fn)(const float *x, block_q8_k *y, int64_t n);
 
+/* out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i];
+ * out may alias either input. */
+typedef void (*mo_swiglu_fn)(const float *gate, const float *up, float *out, int64_t n);
+/* s[i] = e^(scale x s[i] - max) in place, max over the scaled s; returns
+ * the sum of the new s. */
+typedef float (*mo_softmax_fn)(float *s, int64_t n, float scale);
+
+/* At the scalar level the element-wise kernels use libm's expf and are
+ * the reference; the SIMD levels' e^x is within 2 ulp of the true value.
+ * Each element is computed the same way wherever it falls in the array. */
 struct mo_cpu_kernels {
         enum mo_simd level;
         mo_gemm_fn gemm[MO_TYPE_COUNT]; /* NULL for types without a kernel */
         mo_quant_q8_0_fn quant_q8_0;
         mo_quant_q8_k_fn quant_q8_k;
+        mo_swiglu_fn swiglu;
+        mo_softmax_fn softmax;
 };
 
 /* The kernels of the current level: the best the CPU supports, lowered by
@@ -57,3 +69,6 @@ bool mo_cpu_has_vnni(void);
 /* The AVX2 quantizers, shared by the AVX-512 table. */
 void mo_quantize_q8_0_avx2(const float *x, block_q8_0 *y, int64_t n);
 void mo_quantize_q8_k_avx2(const float *x, block_q8_k *y, int64_t n);
+/* The AVX2 element-wise kernels, shared by the AVX-512 table. */
+void mo_swiglu_avx2(const float *gate, const float *up, float *out, int64_t n);
+float mo_softmax_avx2(float *s, int64_t n, float scale);
