@@ -905,6 +905,49 @@ static void swiglu_bits_do_not_depend_on_position(void **state)
         }
 }
 
+/* The attention's weighted sum of cached rows at every level: against a
+ * double reference, with a row length, a head count and a token count
+ * that fill no vector or block evenly, and the same bits whether the
+ * tokens come in one call or several. */
+static void mix_rows_match_reference_and_cut_anywhere(void **state)
+{
+        enum { G = 6, NT = 19, N = 37, PS = 23, OS = 41 };
+        float p[G * PS], rows_data[NT * 40], out[G * OS], out2[G * OS];
+        const float *rows[NT];
+
+        tu_randf(p, G * PS, 51);
+        tu_randf(rows_data, NT * 40, 52);
+        for (int t = 0; t < NT; t++)
+                rows[t] = rows_data + (NT - 1 - t) * 40; /* out of memory order, as blocks are */
+        for (int l = 0; l < n_levels(); l++) {
+                const struct mo_cpu_kernels *k = mo_cpu_kernels_at((enum mo_simd)l);
+
+                tu_randf(out, G * OS, 53);
+                memcpy(out2, out, sizeof out);
+                k->mix_rows(G, NT, p, PS, rows, N, out, OS);
+                for (int h = 0; h < G; h++)
+                        for (int i = 0; i < N; i++) {
+                                double want = out2[h * OS + i];
+
+                                for (int t = 0; t < NT; t++)
+                                        want += (double)p[h * PS + t] * rows[t][i];
+                                if (!(fabs(out[h * OS + i] - want) <= 1e-5 * (1 + fabs(want))))
+                                        fail_msg("%s: head %d value %d: %g, want %g", mo_simd_name((enum mo_simd)l),
+                                                 h, i, out[h * OS + i], want);
+                        }
+                /* Beyond each row's N values nothing is written. */
+                for (int h = 0; h < G; h++)
+                        for (int i = N; i < OS; i++)
+                                assert_true(out[h * OS + i] == out2[h * OS + i]);
+                k->mix_rows(G, 5, p, PS, rows, N, out2, OS);
+                k->mix_rows(G, NT - 5, p + 5, PS, rows + 5, N, out2, OS);
+                tu_randf(out, G * OS, 53);
+                k->mix_rows(G, NT, p, PS, rows, N, out, OS);
+                if (memcmp(out, out2, sizeof out))
+                        fail_msg("%s: tokens cut at 5 change the sums", mo_simd_name((enum mo_simd)l));
+        }
+}
+
 /* ---- gather / scatter -------------------------------------------------------------- */
 
 static void gather_rows_copies_the_named_rows(void **state)
@@ -1386,6 +1429,7 @@ int main(void)
                 cmocka_unit_test(swiglu_and_add_match_reference_and_allow_aliasing),
                 cmocka_unit_test(softmax_exp_is_within_two_ulp_at_every_level),
                 cmocka_unit_test(swiglu_bits_do_not_depend_on_position),
+                cmocka_unit_test(mix_rows_match_reference_and_cut_anywhere),
                 cmocka_unit_test(gather_rows_copies_the_named_rows),
                 cmocka_unit_test(scatter_add_accumulates_repeated_rows_in_order),
                 cmocka_unit_test(mla_attn_prefill_is_causal_over_shuffled_blocks),

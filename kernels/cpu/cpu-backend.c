@@ -383,25 +383,26 @@ static void mla_scores(const struct mla_job *j, const mo_mla_args *a, const floa
 }
 
 /* out[h] = sum_t p[h][t] * c_t / sum[h]: each cached row is read once for
- * the whole group of heads. */
+ * the whole group of heads, the block table resolved for a run of tokens
+ * at a time. */
 static void mla_mix(const struct mla_job *j, const mo_mla_args *a, const float *p, const float *sums,
                     int64_t g, int64_t n_ctx, float *out, int64_t out_head_stride)
 {
+        enum { RUN = 64 };
+        const float *rows[RUN];
         int64_t width = a->kv_lora + a->rope, kl = a->kv_lora;
 
         for (int64_t h = 0; h < g; h++)
                 memset(out + h * out_head_stride, 0, sizeof(float) * (size_t)kl);
-        for (int64_t t = 0; t < n_ctx; t++) {
-                int64_t phys = a->block_table[t / a->block_tokens];
-                const float *cr = a->kv + (phys * a->block_tokens + t % a->block_tokens) * width;
+        for (int64_t t0 = 0; t0 < n_ctx; t0 += RUN) {
+                int64_t tn = MO_MIN(RUN, n_ctx - t0);
 
-                for (int64_t h = 0; h < g; h++) {
-                        float *o = out + h * out_head_stride;
-                        float pt = p[h * j->n_ctx_max + t];
+                for (int64_t i = 0; i < tn; i++) {
+                        int64_t t = t0 + i, phys = a->block_table[t / a->block_tokens];
 
-                        for (int64_t k = 0; k < kl; k++)
-                                o[k] += pt * cr[k];
+                        rows[i] = a->kv + (phys * a->block_tokens + t % a->block_tokens) * width;
                 }
+                j->k->mix_rows(g, tn, p + t0, j->n_ctx_max, rows, kl, out, out_head_stride);
         }
         for (int64_t h = 0; h < g; h++) {
                 float inv = 1.0f / sums[h];

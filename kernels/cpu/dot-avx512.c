@@ -374,4 +374,5 @@ void mo_cpu_kernels_avx512(struct mo_cpu_kernels *k)
         k->quant_q8_k = mo_quantize_q8_k_avx2;
         k->swiglu = mo_swiglu_avx2;
         k->softmax = mo_softmax_avx2;
+        k->mix_rows = mo_mix_rows_avx2;
 }

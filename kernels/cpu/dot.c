@@ -391,6 +391,18 @@ static float softmax_scalar(float *s, int64_t n, float scale)
         return sum;
 }
 
+static void mix_rows_scalar(int64_t g, int64_t nt, const float *p, int64_t p_stride, const float *const *rows,
+                            int64_t n, float *out, int64_t out_stride)
+{
+        for (int64_t t = 0; t < nt; t++)
+                for (int64_t h = 0; h < g; h++) {
+                        float pt = p[h * p_stride + t], *o = out + h * out_stride;
+
+                        for (int64_t k = 0; k < n; k++)
+                                o[k] += pt * rows[t][k];
+                }
+}
+
 void mo_cpu_kernels_scalar(struct mo_cpu_kernels *k)
 {
         static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -411,4 +423,5 @@ void mo_cpu_kernels_scalar(struct mo_cpu_kernels *k)
         k->quant_q8_k = mo_quantize_row_q8_k;
         k->swiglu = swiglu_scalar;
         k->softmax = softmax_scalar;
+        k->mix_rows = mix_rows_scalar;
 }

@@ -36,6 +36,13 @@ typedef void (*mo_swiglu_fn)(const float *gate, const float *up, float *out, int
  * the sum of the new s. */
 typedef float (*mo_softmax_fn)(float *s, int64_t n, float scale);
 
+/* out[h][k] += p[h * p_stride + t] * rows[t][k] for t < nt in order, h < g,
+ * k < n (out[h] at out + h * out_stride): the attention's weighted sum of
+ * cached rows for g heads. Each element adds its terms one by one in
+ * order of t, so the caller may cut the tokens anywhere. */
+typedef void (*mo_mix_rows_fn)(int64_t g, int64_t nt, const float *p, int64_t p_stride,
+                               const float *const *rows, int64_t n, float *out, int64_t out_stride);
+
 /* At the scalar level the element-wise kernels use libm's expf and are
  * the reference; the SIMD levels' e^x is within 2 ulp of the true value.
  * Each element is computed the same way wherever it falls in the array. */
@@ -46,6 +53,7 @@ struct mo_cpu_kernels {
         mo_quant_q8_k_fn quant_q8_k;
         mo_swiglu_fn swiglu;
         mo_softmax_fn softmax;
+        mo_mix_rows_fn mix_rows;
 };
 
 /* The kernels of the current level: the best the CPU supports, lowered by
@@ -69,6 +77,9 @@ bool mo_cpu_has_vnni(void);
 /* The AVX2 quantizers, shared by the AVX-512 table. */
 void mo_quantize_q8_0_avx2(const float *x, block_q8_0 *y, int64_t n);
 void mo_quantize_q8_k_avx2(const float *x, block_q8_k *y, int64_t n);
-/* The AVX2 element-wise kernels, shared by the AVX-512 table. */
+/* The AVX2 element-wise and mixing kernels, shared by the AVX-512 table:
+ * on Zen 4 eight lanes run the floats as fast as sixteen. */
 void mo_swiglu_avx2(const float *gate, const float *up, float *out, int64_t n);
 float mo_softmax_avx2(float *s, int64_t n, float scale);
+void mo_mix_rows_avx2(int64_t g, int64_t nt, const float *p, int64_t p_stride, const float *const *rows,
+                      int64_t n, float *out, int64_t out_stride);
