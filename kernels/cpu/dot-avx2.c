@@ -658,50 +658,53 @@ float mo_softmax_avx2(float *s, int64_t n, float scale)
 }
 
 /* ---- the attention's weighted sum of cached rows ---------------------------
- * TN tokens at a time, MIX_HEADS heads at a time: the tokens' slices of
- * eight values stay in registers while each head's output slice takes
- * them in token order, one fma each. The heads' output rows (8 KB at
- * kv_lora 512) and the tokens' rows stay in L1 together; walking all
- * heads per slice did not (the scalar loop's SSE code ran at 4 GMAC/s
- * and was three quarters of a long context's attention). */
+ * TN tokens at a time: one head's TN weights stay in registers while its
+ * output row takes the tokens' rows in token order, one fma each, so the
+ * output row is read and written once per TN tokens, and the TN rows
+ * (16 KB at kv_lora 512) stay in L1 for every head. The scalar loop's SSE
+ * code ran at 4 GMAC/s and was three quarters of a long context's
+ * attention. */
 
 #define MIX_TOKENS 8
-#define MIX_HEADS 4
 
-/* Values [k, k + 8) of heads [0, hn), TN tokens; masked only where the row
- * ends inside them (a masked store costs many cycles on AMD cores). */
-TILE_INLINE void mix_slice(int64_t hn, const float *p, int64_t ps, const float *const *rows, int64_t k,
-                           float *out, int64_t os, __m256i m, const bool full, const int TN)
+/* Values [k, k + 8 SN) of one head's output, TN tokens; masked only
+ * where the row ends inside them (a masked store costs many cycles on
+ * AMD). Each slice is a chain of TN fmas in token order; SN of them
+ * side by side keep the unit busy while each waits on its last. */
+TILE_INLINE void mix_slice(const __m256 *pw, const float *const *rows, int64_t k, float *o, __m256i m,
+                           const bool full, const int TN, const int SN)
 {
-        __m256 x[MIX_TOKENS];
+        __m256 acc[4];
 
+        for (int j = 0; j < SN; j++)
+                acc[j] = full ? _mm256_loadu_ps(o + k + 8 * j) : _mm256_maskload_ps(o + k, m);
         for (int i = 0; i < TN; i++)
-                x[i] = full ? _mm256_loadu_ps(rows[i] + k) : _mm256_maskload_ps(rows[i] + k, m);
-        for (int64_t h = 0; h < hn; h++) {
-                float *o = out + h * os + k;
-                __m256 acc = full ? _mm256_loadu_ps(o) : _mm256_maskload_ps(o, m);
-
-                for (int i = 0; i < TN; i++)
-                        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + h * ps + i), x[i], acc);
+                for (int j = 0; j < SN; j++)
+                        acc[j] = _mm256_fmadd_ps(pw[i], full ? _mm256_loadu_ps(rows[i] + k + 8 * j) :
+                                                               _mm256_maskload_ps(rows[i] + k, m), acc[j]);
+        for (int j = 0; j < SN; j++)
                 if (full)
-                        _mm256_storeu_ps(o, acc);
+                        _mm256_storeu_ps(o + k + 8 * j, acc[j]);
                 else
-                        _mm256_maskstore_ps(o, m, acc);
-        }
+                        _mm256_maskstore_ps(o + k, m, acc[j]);
 }
 
 TILE_INLINE void mix_tokens(int64_t g, const float *p, int64_t ps, const float *const *rows, int64_t n,
                             float *out, int64_t os, const int TN)
 {
-        for (int64_t h0 = 0; h0 < g; h0 += MIX_HEADS) {
-                int64_t hn = MO_MIN(g - h0, MIX_HEADS), k = 0;
-                const float *ph = p + h0 * ps;
-                float *oh = out + h0 * os;
+        for (int64_t h = 0; h < g; h++) {
+                float *o = out + h * os;
+                __m256 pw[MIX_TOKENS];
+                int64_t k = 0;
 
+                for (int i = 0; i < TN; i++)
+                        pw[i] = _mm256_broadcast_ss(p + h * ps + i);
+                for (; k + 32 <= n; k += 32)
+                        mix_slice(pw, rows, k, o, _mm256_setzero_si256(), true, TN, 4);
                 for (; k + 8 <= n; k += 8)
-                        mix_slice(hn, ph, ps, rows, k, oh, os, _mm256_setzero_si256(), true, TN);
+                        mix_slice(pw, rows, k, o, _mm256_setzero_si256(), true, TN, 1);
                 if (k < n)
-                        mix_slice(hn, ph, ps, rows, k, oh, os, lanes_below(n - k), false, TN);
+                        mix_slice(pw, rows, k, o, lanes_below(n - k), false, TN, 1);
         }
 }
 
