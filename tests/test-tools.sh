@@ -75,6 +75,16 @@ for key in prefill_tok_s decode_tok_s weight_bytes_per_token weight_read_gbps me
   check "moed-bench --json has $key" grep -q "\"$key\": [0-9]" "$tmp/bench.json"
 done
 check "moed-bench --json is valid JSON" node -e 'JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"))' "$tmp/bench.json"
+# --context: decode after that many tokens in every sequence of the batch.
+"$tools/moed-bench" --model "$model" --threads 2 --prompt 8 --gen 2 --batch 3 --context 40 --repeat 1 --json >"$tmp/ctx.json"
+check "moed-bench --context decodes after the context" \
+  node -e 'const j = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+           process.exit(j.context === 40 && j.decode_tok_s > 0 && j.decode_b1_tok_s > 0 ? 0 : 1)' "$tmp/ctx.json"
+if "$tools/moed-bench" --model "$model" --context -1 >/dev/null 2>&1; then
+  bad "moed-bench refuses a negative --context"
+else
+  check "moed-bench refuses a negative --context" true
+fi
 
 echo "$passed passed, $failed failed"
 test "$failed" -eq 0

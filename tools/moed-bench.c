@@ -19,7 +19,7 @@
 struct bench_opts {
         const char *model;
         int threads;
-        int64_t prompt, gen, batch;
+        int64_t prompt, gen, batch, context;
         int repeat;
         bool json;
 };
@@ -83,13 +83,29 @@ static void random_tokens(int32_t *t, int64_t n, int64_t n_vocab, uint64_t *stat
         }
 }
 
-/* Decodes gen steps of batch sequences (each primed with one token);
- * returns tokens per second over the timed steps. The logits stay where
- * the step left them when the backend's memory is the host's, as in
- * engine/api.c: copying 16 x 129280 floats (8 MB) a step is a cost no
- * server pays. */
-static double decode(struct runner *r, int64_t batch, int64_t gen, float *logits, uint64_t *rng,
-                     struct moerr *e)
+/* Gives seq the rows of ctx's tokens, every layer: a context of
+ * ctx->n_tokens without prefilling it again for each sequence. */
+static int clone_context(struct runner *r, const struct kv_seq *ctx, struct kv_seq *seq, struct moerr *e)
+{
+        size_t row = (size_t)(r->m->hp.kv_lora + r->m->hp.n_rot) * sizeof(float);
+        int ret = kv_seq_reserve(r->kv, seq, ctx->n_tokens + 1);
+
+        if (ret < 0)
+                return moerr_set(e, ret, "KV cache too small for the context");
+        for (int64_t l = 0; l < r->m->hp.n_layer; l++)
+                for (int64_t t = 0; t < ctx->n_tokens; t++)
+                        r->b->ops->copy(r->b, kv_row(r->kv, seq, l, t), kv_row(r->kv, ctx, l, t), row);
+        seq->n_tokens = ctx->n_tokens;
+        return 0;
+}
+
+/* Decodes gen steps of batch sequences, each primed with one token after
+ * the context ctx (if not NULL); returns tokens per second over the timed
+ * steps. The logits stay where the step left them when the backend's
+ * memory is the host's, as in engine/api.c: copying 16 x 129280 floats
+ * (8 MB) a step is a cost no server pays. */
+static double decode(struct runner *r, int64_t batch, int64_t gen, const struct kv_seq *ctx, float *logits,
+                     uint64_t *rng, struct moerr *e)
 {
         int64_t V = r->m->hp.n_vocab;
         _cleanup_free_ struct kv_seq *kvs = calloc(batch, sizeof *kvs);
@@ -100,6 +116,8 @@ static double decode(struct runner *r, int64_t batch, int64_t gen, float *logits
 
         if (!kvs || !seqs || !toks)
                 return moerr_set(e, -ENOMEM, "out of memory"), -1;
+        for (int64_t s = 0; ctx && s < batch && ret >= 0; s++)
+                ret = clone_context(r, ctx, &kvs[s], e);
         for (int64_t step = 0; step <= gen && ret >= 0; step++) {
                 if (step == 1)
                         t0 = runner_now(); /* step 0 primes the caches */
@@ -125,21 +143,22 @@ static double decode(struct runner *r, int64_t batch, int64_t gen, float *logits
 static int bench(const struct bench_opts *o, struct moerr *e)
 {
         struct runner *r = NULL;
-        int64_t cap = MO_MAX(o->prompt, o->batch);
+        /* Rows per step: the prompt, the batch, or a context's chunk. */
+        int64_t cap = MO_MAX(MO_MAX(o->prompt, o->batch), MO_MIN(o->context, 512));
         double mem_gbps, t0, first_s, prefill_s, dec1, decb = 0;
         _cleanup_free_ float *logits = NULL;
         _cleanup_free_ int32_t *toks = NULL;
-        struct kv_seq seq = {0};
+        struct kv_seq seq = {0}, ctx = {0};
         uint64_t rng = 1, bpt;
         int ret;
 
         mem_gbps = measure_read_gbps(o->threads > 0 ? o->threads : (int)sysconf(_SC_NPROCESSORS_ONLN));
-        ret = runner_open(o->model, o->threads, o->prompt + (o->gen + 2) * (o->batch + 1) + 64 * o->batch,
-                          cap, &r, e);
+        ret = runner_open(o->model, o->threads,
+                          o->prompt + (o->context + o->gen + 2) * (o->batch + 2) + 64 * o->batch, cap, &r, e);
         if (ret < 0)
                 return ret;
         logits = malloc((size_t)cap * r->m->hp.n_vocab * sizeof(float));
-        toks = malloc(MO_MAX(o->prompt, 1) * sizeof(int32_t));
+        toks = malloc(MO_MAX(MO_MAX(o->prompt, o->context), 1) * sizeof(int32_t));
         if (!logits || !toks) {
                 ret = moerr_set(e, -ENOMEM, "out of memory");
                 goto out;
@@ -167,9 +186,17 @@ static int bench(const struct bench_opts *o, struct moerr *e)
                 kv_seq_release(r->kv, &seq);
                 if (ret < 0)
                         goto out;
-                d1 = decode(r, 1, o->gen, logits, &rng, e);
+                /* Decode after a context of random tokens, prefilled once
+                 * and copied to each sequence (not timed). */
+                if (o->context > 0) {
+                        random_tokens(toks, o->context, r->m->hp.n_vocab, &rng);
+                        if ((ret = runner_feed(r, &ctx, toks, o->context, false, logits, e)) < 0)
+                                goto out;
+                }
+                d1 = decode(r, 1, o->gen, o->context > 0 ? &ctx : NULL, logits, &rng, e);
                 if (d1 > 0 && o->batch > 1)
-                        db = decode(r, o->batch, o->gen, logits, &rng, e);
+                        db = decode(r, o->batch, o->gen, o->context > 0 ? &ctx : NULL, logits, &rng, e);
+                kv_seq_release(r->kv, &ctx);
                 if (d1 < 0 || db < 0) {
                         ret = -EIO;
                         goto out;
@@ -186,11 +213,12 @@ static int bench(const struct bench_opts *o, struct moerr *e)
                        "\"batch\": %lld, \"decode_tok_s\": %.2f, \"decode_b1_tok_s\": %.2f, "
                        "\"weight_bytes_per_token\": %llu, \"weight_read_gbps\": %.3f, \"mem_read_gbps\": %.3f, "
                        "\"weight_read_ratio\": %.3f, \"prefill_over_decode\": %.2f, \"batch_speedup\": %.2f, "
-                       "\"repeat\": %d}\n",
+                       "\"context\": %lld, \"repeat\": %d}\n",
                        r->m->name, mo_cpu_threads(r->b), mo_cpu_simd_level(), r->load_s, first_s,
                        (long long)o->prompt, o->prompt / prefill_s, (long long)o->gen, (long long)o->batch,
                        decb, dec1, (unsigned long long)bpt, bpt * dec1 / 1e9, mem_gbps,
-                       bpt * dec1 / 1e9 / mem_gbps, o->prompt / prefill_s / dec1, decb / dec1, o->repeat);
+                       bpt * dec1 / 1e9 / mem_gbps, o->prompt / prefill_s / dec1, decb / dec1,
+                       (long long)o->context, o->repeat);
         } else {
                 char desc[512];
                 model_describe(r->m, desc, sizeof desc);
@@ -199,6 +227,8 @@ static int bench(const struct bench_opts *o, struct moerr *e)
                 printf("load           %.3f s, first token after %.3f s\n", r->load_s, first_s);
                 printf("prefill        %lld tokens: %.2f tok/s (%.1fx decode)\n", (long long)o->prompt,
                        o->prompt / prefill_s, o->prompt / prefill_s / dec1);
+                if (o->context > 0)
+                        printf("decode         after a context of %lld tokens\n", (long long)o->context);
                 printf("decode b=1     %.2f tok/s, %.1f MB of weights per token: %.2f GB/s\n", dec1, bpt / 1e6,
                        bpt * dec1 / 1e9);
                 if (o->batch > 1)
@@ -207,14 +237,17 @@ static int bench(const struct bench_opts *o, struct moerr *e)
                        100 * bpt * dec1 / 1e9 / mem_gbps);
         }
 out:
+        kv_seq_release(r->kv, &ctx);
         runner_close(r);
         return ret;
 }
 
 static void usage(FILE *out)
 {
-        fprintf(out, "usage: moed-bench --model FILE [--threads T] [--prompt P] [--gen G] [--batch B] [--repeat N] [--json]\n"
-                     "  defaults: all threads, P 128, G 32, B 1, N 3 (the best of N runs is reported)\n");
+        fprintf(out, "usage: moed-bench --model FILE [--threads T] [--prompt P] [--gen G] [--batch B] [--context C]\n"
+                     "                  [--repeat N] [--json]\n"
+                     "  defaults: all threads, P 128, G 32, B 1, C 0, N 3 (the best of N runs is reported)\n"
+                     "  --context C: decode after C tokens of context in every sequence\n");
 }
 
 int main(int argc, char **argv)
@@ -223,14 +256,14 @@ int main(int argc, char **argv)
                 { "model", required_argument, NULL, 'm' }, { "threads", required_argument, NULL, 't' },
                 { "prompt", required_argument, NULL, 'p' }, { "gen", required_argument, NULL, 'n' },
                 { "batch", required_argument, NULL, 'b' }, { "json", no_argument, NULL, 'j' },
-                { "repeat", required_argument, NULL, 'r' },
+                { "repeat", required_argument, NULL, 'r' }, { "context", required_argument, NULL, 'c' },
                 { "help", no_argument, NULL, 'h' }, {}
         };
         struct bench_opts o = { .prompt = 128, .gen = 32, .batch = 1, .repeat = 3 };
         struct moerr e = {0};
         int c, r;
 
-        while ((c = getopt_long(argc, argv, "m:t:p:n:b:r:jh", opts, NULL)) != -1) {
+        while ((c = getopt_long(argc, argv, "m:t:p:n:b:r:c:jh", opts, NULL)) != -1) {
                 switch (c) {
                 case 'm': o.model = optarg; break;
                 case 't':
@@ -244,11 +277,13 @@ int main(int argc, char **argv)
                 case 'b': o.batch = strtoll(optarg, NULL, 10); break;
                 case 'j': o.json = true; break;
                 case 'r': o.repeat = (int)strtol(optarg, NULL, 10); break;
+                case 'c': o.context = strtoll(optarg, NULL, 10); break;
                 case 'h': usage(stdout); return 0;
                 default: usage(stderr); return 2;
                 }
         }
         if (!o.model || o.prompt < 1 || o.prompt > 65536 || o.gen < 1 || o.batch < 1 || o.batch > 4096 || o.repeat < 1 || o.repeat > 100 ||
+            o.context < 0 || o.context > 65536 ||
             optind != argc) {
                 usage(stderr);
                 return 2;
