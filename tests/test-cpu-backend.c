@@ -401,6 +401,69 @@ static void gemm_bits_do_not_depend_on_column_count(void **state)
         }
 }
 
+/* The Q8_0 kernels' fixed order (dot-avx512-q8.h), computed here one
+ * block at a time: block b's exact integer dot goes into chain
+ * (b % 16) / 4 as fma(idot, d_w * d_x, acc), and y = (c0 + c1) + (c2 + c3). */
+static float q8_0_fixed_order(const block_q8_0 *w, const block_q8_0 *x, int64_t nb)
+{
+        float acc[4] = { 0, 0, 0, 0 };
+
+        for (int64_t b = 0; b < nb; b++) {
+                int idot = 0;
+
+                for (int i = 0; i < QK8_0; i++)
+                        idot += w[b].qs[i] * x[b].qs[i];
+                acc[b % 16 / 4] = fmaf((float)idot, mo_half_to_float(w[b].d) * mo_half_to_float(x[b].d),
+                                       acc[b % 16 / 4]);
+        }
+        return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+/* Every Q8_0 kernel of the AVX-512 level (short rows, the row kernel, the
+ * lanes of 16) sums in that order, bit for bit, at any column count: the
+ * kernels agree with each other only because each keeps it. */
+static void q8_0_avx512_sums_follow_the_fixed_order(void **state)
+{
+        const int64_t nbs[] = { 2, 12, 16, 37 }, ncs[] = { 1, 3, 7, 8, 16, 17, 33 };
+        const int64_t nr = 37;
+        const struct mo_cpu_kernels *k = mo_cpu_kernels_at(MO_SIMD_AVX512);
+
+        if (!k)
+                skip(); /* reported as skipped: this CPU has no AVX-512 */
+        for (size_t i = 0; i < ARRAY_SIZE(nbs); i++) {
+                int64_t n = nbs[i] * QK8_0, mc = ncs[ARRAY_SIZE(ncs) - 1];
+                float *x = malloc(sizeof(float) * (size_t)(mc * n)), *y = malloc(sizeof(float) * (size_t)(mc * nr));
+                size_t as;
+                void *q;
+                struct tw t;
+
+                assert_non_null(x);
+                assert_non_null(y);
+                tw_make(&t, MO_TYPE_Q8_0, nr, n, 0, 700 + i);
+                tu_randf(x, (size_t)(mc * n), 701 + i);
+                q = quantize_acts(MO_TYPE_Q8_0, x, mc, n, &as);
+                for (size_t j = 0; j < ARRAY_SIZE(ncs); j++) {
+                        k->gemm[MO_TYPE_Q8_0](n, t.data, t.w.row_bytes, nr, q, as, ncs[j], y, nr);
+                        for (int64_t c = 0; c < ncs[j]; c++)
+                                for (int64_t r = 0; r < nr; r++) {
+                                        float want = q8_0_fixed_order((const block_q8_0 *)(t.data + r * t.w.row_bytes),
+                                                                      (const block_q8_0 *)((const uint8_t *)q + c * as),
+                                                                      nbs[i]);
+
+                                        if (memcmp(&want, &y[c * nr + r], sizeof want))
+                                                fail_msg("%lld blocks, %lld columns: row %lld column %lld is %.9g, "
+                                                         "the fixed order gives %.9g", (long long)nbs[i],
+                                                         (long long)ncs[j], (long long)r, (long long)c,
+                                                         y[c * nr + r], want);
+                                }
+                }
+                free(q);
+                free(x);
+                free(y);
+                tw_free(&t);
+        }
+}
+
 /* Rows with ties at .5 after scaling, +/- maxima of equal size in either
  * order, zero and tiny blocks, NaN and infinity, and plain random data. */
 static void fill_quant_cases(float *x, int64_t n)
@@ -1416,6 +1479,7 @@ int main(void)
                 cmocka_unit_test(activation_quantizers_match_reference_bit_for_bit),
                 cmocka_unit_test(avx512_vnni_kernels_equal_plain_avx512_bits),
                 cmocka_unit_test(gemm_bits_do_not_depend_on_column_count),
+                cmocka_unit_test(q8_0_avx512_sums_follow_the_fixed_order),
                 cmocka_unit_test(matmul_matches_reference_for_every_type_level_and_batch),
                 cmocka_unit_test(matmul_splits_large_weights_without_changing_bits),
                 cmocka_unit_test(matmul_batch_rows_equal_single_rows_with_strides),
