@@ -138,6 +138,21 @@ static void *quantize_acts(int type, const float *x, int64_t m, int64_t n, size_
         return q;
 }
 
+/* Random weights of a type (t) and mc random activation rows for them,
+ * already in the dot type: the inputs of a gemm kernel. */
+static void *gemm_inputs(struct tw *t, int type, int64_t nr, int64_t n, int64_t mc, uint64_t seed, size_t *as)
+{
+        float *x = malloc(sizeof(float) * (size_t)(mc * n));
+        void *q;
+
+        assert_non_null(x);
+        tw_make(t, type, nr, n, 0, seed);
+        tu_randf(x, (size_t)(mc * n), seed + 1);
+        q = quantize_acts(type, x, mc, n, as);
+        free(x);
+        return q;
+}
+
 /* sum |w_k a_k| over the exact values: the scale of float summation error. */
 static double dot_magnitude(int type, const float *wrow, const void *act, int64_t n)
 {
@@ -367,18 +382,13 @@ static void gemm_bits_do_not_depend_on_column_count(void **state)
                         int64_t b = block_of(type);
                         int64_t n = b == 32 ? (longer ? 37 : 12) * 32 : b == 1 ? (longer ? 300 : 40) : (longer ? 9 : 2) * b;
                         int64_t mc = ncs[ARRAY_SIZE(ncs) - 1];
-                        float *x = malloc(sizeof(float) * (size_t)(mc * n));
                         float *y = malloc(sizeof(float) * (size_t)(mc * nr)), *y1 = malloc(sizeof(float) * (size_t)nr);
                         size_t as;
-                        void *q;
                         struct tw t;
+                        void *q = gemm_inputs(&t, type, nr, n, mc, 600 + i, &as);
 
-                        assert_non_null(x);
                         assert_non_null(y);
                         assert_non_null(y1);
-                        tw_make(&t, type, nr, n, 0, 600 + i);
-                        tu_randf(x, (size_t)(mc * n), 601 + i);
-                        q = quantize_acts(type, x, mc, n, &as);
                         for (size_t j = 0; j < ARRAY_SIZE(ncs); j++) {
                                 int64_t nc = ncs[j];
 
@@ -393,7 +403,6 @@ static void gemm_bits_do_not_depend_on_column_count(void **state)
                                 }
                         }
                         free(q);
-                        free(x);
                         free(y);
                         free(y1);
                         tw_free(&t);
@@ -432,16 +441,12 @@ static void q8_0_avx512_sums_follow_the_fixed_order(void **state)
                 skip(); /* reported as skipped: this CPU has no AVX-512 */
         for (size_t i = 0; i < ARRAY_SIZE(nbs); i++) {
                 int64_t n = nbs[i] * QK8_0, mc = ncs[ARRAY_SIZE(ncs) - 1];
-                float *x = malloc(sizeof(float) * (size_t)(mc * n)), *y = malloc(sizeof(float) * (size_t)(mc * nr));
+                float *y = malloc(sizeof(float) * (size_t)(mc * nr));
                 size_t as;
-                void *q;
                 struct tw t;
+                void *q = gemm_inputs(&t, MO_TYPE_Q8_0, nr, n, mc, 700 + i, &as);
 
-                assert_non_null(x);
                 assert_non_null(y);
-                tw_make(&t, MO_TYPE_Q8_0, nr, n, 0, 700 + i);
-                tu_randf(x, (size_t)(mc * n), 701 + i);
-                q = quantize_acts(MO_TYPE_Q8_0, x, mc, n, &as);
                 for (size_t j = 0; j < ARRAY_SIZE(ncs); j++) {
                         k->gemm[MO_TYPE_Q8_0](n, t.data, t.w.row_bytes, nr, q, as, ncs[j], y, nr);
                         for (int64_t c = 0; c < ncs[j]; c++)
@@ -458,7 +463,6 @@ static void q8_0_avx512_sums_follow_the_fixed_order(void **state)
                                 }
                 }
                 free(q);
-                free(x);
                 free(y);
                 tw_free(&t);
         }
