@@ -12,8 +12,8 @@
  * activation rows in the lanes of a vector and broadcasts the weights, so
  * that each weight byte feeds 16 products per instruction and the float
  * work of a block is shared by 16 outputs; it serves batches and prefill.
- * Rows of fewer than 16 blocks (the attention's per-head products) go to
- * the short kernel, which puts 16 weight rows in the lanes instead.
+ * Rows shorter than a group (the attention's per-head products) go to the
+ * weight-lanes kernel, which puts 16 weight rows in the lanes instead.
  * On a 2-core Zen 4 the lanes kernel runs 1.5-1.8x the multiply-adds per
  * second of the 4 x 4 tiles it replaced (tools/moed-bench, bench/results).
  * All give the same bits, so a sequence's logits do not depend on what it
@@ -198,22 +198,40 @@ static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as,
                 y[c * ys] = q8_chains_sum(acc[c]);
 }
 
-/* Rows shorter than a group (nb < 16), as in the attention's small
- * per-head products, are too short to pay for the row kernel's reduction
- * once per row. The short kernel puts 16 weight rows in the lanes instead
+/* Rows shorter than a group (nb < 16), as in the attention's per-head
+ * products, are too short to pay for the row kernel's reduction once per
+ * row. The weight-lanes kernel puts 16 weight rows in the lanes instead
  * (transposed once, shared by every activation row) and broadcasts the
  * activations, so that a block's dot lands in one lane with nothing to
  * reduce. Such rows lie next to each other, so 16 of them are one stream.
  * Block b goes to chain b / 4 in ascending order, as in the row kernel.
  * It serves every batch size for such rows, so a column's bits never
- * depend on how many came with it. */
-struct q8_short_rows {
+ * depend on how many came with it. (Full groups against 3 to 7 activation
+ * rows ran faster here than in the row kernel on one core with the
+ * weights in cache, and slower on two streaming a batch's experts: the
+ * row kernel's one stream a row suits the memory better.)
+ * With VNNI the weights go in as w + 128, the unsigned side of dpbusd, so
+ * that the signed activations are broadcast straight from memory, and
+ * 128 x the sum of each activation block comes off every dot; without
+ * VNNI the sign of w moves onto the activations instead (q8_dot4), two
+ * more steps a dot. wq_b of the bench shape (1536 x 384) at 16 columns,
+ * two threads streaming: 58-63 us with the sign moved, 43 us with the
+ * offset. */
+/* Offsets kept per call: at most this many (column, block) pairs. */
+#define Q8_WL_OFFSETS 4096
+
+struct q8_wl_rows {
+#ifdef __AVX512VNNI__
+        __m512i wu[Q8_GROUP - 1][8];   /* w + 128 of block b, dword t in lane r */
+#else
         __m512i wabs[Q8_GROUP - 1][8]; /* |w| of block b, dword t in lane r */
         __mmask64 wneg[Q8_GROUP - 1][8];
+#endif
         __m512 d[Q8_GROUP - 1];        /* lane r: row r's block scale */
 };
 
-static void q8_short_pack(struct q8_short_rows *out, int64_t nb, const uint8_t *w, size_t ws, int rn)
+/* Blocks [0, nb) of rows [0, rn) at w, ws apart. */
+static void q8_wl_pack(struct q8_wl_rows *out, int64_t nb, const uint8_t *w, size_t ws, int rn)
 {
         static const int8_t zero[32];
         const __m512i gidx = lanes_offsets(ws);
@@ -227,18 +245,45 @@ static void q8_short_pack(struct q8_short_rows *out, int64_t nb, const uint8_t *
                         row[r] = r < rn ? ((const block_q8_0 *)(w + (size_t)r * ws) + b)->qs : (const void *)zero;
                 lanes_transpose(row, q);
                 for (int t = 0; t < 8; t++) {
+#ifdef __AVX512VNNI__
+                        out->wu[b][t] = _mm512_xor_si512(q[t], _mm512_set1_epi8((char)0x80));
+#else
                         out->wabs[b][t] = _mm512_abs_epi8(q[t]);
                         out->wneg[b][t] = _mm512_movepi8_mask(q[t]);
+#endif
                 }
                 out->d[b] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_mask_i32gather_epi32(
                         _mm512_setzero_si512(), live, gidx, w + (size_t)b * sizeof(block_q8_0), 1)));
         }
 }
 
-/* CN activation rows against the packed rows: each block's weights are
- * read once for all CN, and CN independent chains keep the unit busy. */
-TILE_INLINE void q8_short_cols(const struct q8_short_rows *wt, int64_t nb, const uint8_t *a, size_t as,
-                               float *y, int64_t ys, int rn, const int CN)
+/* off[c * nb + b] = 128 x the sum of block b of activation row c (VNNI's
+ * offset; unused without it). */
+static void q8_wl_offsets(const uint8_t *a, size_t as, int64_t nc, int64_t nb, int32_t *off)
+{
+#ifdef __AVX512VNNI__
+        for (int64_t c = 0; c < nc; c++)
+                for (int64_t b = 0; b < nb; b++) {
+                        const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + b;
+                        /* Sums of eight (x + 128) as unsigned bytes. */
+                        __m256i s = _mm256_sad_epu8(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x->qs),
+                                                                     _mm256_set1_epi8((char)0x80)),
+                                                    _mm256_setzero_si256());
+                        __m128i h = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+
+                        off[c * nb + b] = 128 * ((int)(_mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1)) -
+                                                 QK8_0 * 128);
+                }
+#else
+        (void)a, (void)as, (void)nc, (void)nb, (void)off;
+#endif
+}
+
+/* CN activation rows against the packed rows, into y (rows [0, rn)):
+ * each block's weights are read once for all CN, and CN independent
+ * chains keep the unit busy. off: these rows' offsets, onb apart. */
+TILE_INLINE void q8_wl_cols(const struct q8_wl_rows *wt, int64_t nb, const uint8_t *a, size_t as,
+                            const int32_t *off, int64_t onb, float *y, int64_t ys, int rn, const int CN)
 {
         __m512 acc[4][4];
 
@@ -255,14 +300,22 @@ TILE_INLINE void q8_short_cols(const struct q8_short_rows *wt, int64_t nb, const
                         for (int t = 0; t < 8; t++)
                                 for (int c = 0; c < CN; c++) {
                                         const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + b;
-
-                                        s[c] = q8_dot4(s[c], wt->wabs[b][t], wt->wneg[b][t],
-                                                       _mm512_set1_epi32((int)mo_load_u32le((const uint8_t *)x->qs + 4 * t)));
+                                        __m512i xb = _mm512_set1_epi32((int)mo_load_u32le((const uint8_t *)x->qs + 4 * t));
+#ifdef __AVX512VNNI__
+                                        s[c] = _mm512_dpbusd_epi32(s[c], wt->wu[b][t], xb);
+#else
+                                        s[c] = q8_dot4(s[c], wt->wabs[b][t], wt->wneg[b][t], xb);
+#endif
                                 }
                         for (int c = 0; c < CN; c++) {
                                 const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + b;
                                 __m512 sc = _mm512_mul_ps(wt->d[b], _mm512_set1_ps(half_to_f32(x->d)));
 
+#ifdef __AVX512VNNI__
+                                s[c] = _mm512_sub_epi32(s[c], _mm512_set1_epi32(off[c * onb + b]));
+#else
+                                (void)off, (void)onb;
+#endif
                                 acc[c][ch] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[c]), sc, acc[c][ch]);
                         }
                 }
@@ -273,16 +326,17 @@ TILE_INLINE void q8_short_cols(const struct q8_short_rows *wt, int64_t nb, const
                                                     _mm512_add_ps(acc[c][2], acc[c][3])));
 }
 
-/* nr weight rows of nb < 16 blocks, ws <= INT32_MAX / 16 bytes apart. */
-static void q8_short(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a, size_t as,
-                     int64_t nc, float *y, int64_t ys)
+/* nr weight rows of nb < 16 blocks, ws <= INT32_MAX / 16 bytes apart,
+ * against nc activation rows whose offsets are off. */
+static void q8_wl_chunk(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a, size_t as,
+                        int64_t nc, const int32_t *off, float *y, int64_t ys)
 {
-        struct q8_short_rows wt;
+        struct q8_wl_rows wt;
 
         for (int64_t r0 = 0; r0 < nr; r0 += 16) {
                 const int rn = (int)MO_MIN(nr - r0, 16);
 
-                q8_short_pack(&wt, nb, w + (size_t)r0 * ws, ws, rn);
+                q8_wl_pack(&wt, nb, w + (size_t)r0 * ws, ws, rn);
                 /* The 16 rows after the next, while these meet the
                  * activations: the pack's walk down 16 rows at once defeats
                  * the hardware's prefetch. Streamed from memory, wq_b of the
@@ -292,15 +346,32 @@ static void q8_short(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const 
                         prefetch_l2(w + (size_t)r * ws, (size_t)nb * sizeof(block_q8_0));
                 for (int64_t c = 0; c < nc; c += 4) {
                         const uint8_t *ac = a + (size_t)c * as;
+                        const int32_t *oc = off + c * nb;
                         float *yc = y + c * ys + r0;
 
                         switch (MO_MIN(nc - c, 4)) {
-                        case 1: q8_short_cols(&wt, nb, ac, as, yc, ys, rn, 1); break;
-                        case 2: q8_short_cols(&wt, nb, ac, as, yc, ys, rn, 2); break;
-                        case 3: q8_short_cols(&wt, nb, ac, as, yc, ys, rn, 3); break;
-                        default: q8_short_cols(&wt, nb, ac, as, yc, ys, rn, 4); break;
+                        case 1: q8_wl_cols(&wt, nb, ac, as, oc, nb, yc, ys, rn, 1); break;
+                        case 2: q8_wl_cols(&wt, nb, ac, as, oc, nb, yc, ys, rn, 2); break;
+                        case 3: q8_wl_cols(&wt, nb, ac, as, oc, nb, yc, ys, rn, 3); break;
+                        default: q8_wl_cols(&wt, nb, ac, as, oc, nb, yc, ys, rn, 4); break;
                         }
                 }
+        }
+}
+
+/* The weight-lanes kernel, nb < 16, in chunks of columns whose offsets
+ * fit the stack. */
+static void q8_wl(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a, size_t as,
+                  int64_t nc, float *y, int64_t ys)
+{
+        int32_t off[Q8_WL_OFFSETS];
+        const int64_t cc = MO_MAX(1, MO_MIN(nc, Q8_WL_OFFSETS / MO_MAX(nb, 1)));
+
+        for (int64_t c = 0; c < nc; c += cc) {
+                const int64_t cn = MO_MIN(nc - c, cc);
+
+                q8_wl_offsets(a + (size_t)c * as, as, cn, nb, off);
+                q8_wl_chunk(nb, w, ws, nr, a + (size_t)c * as, as, cn, off, y + c * ys, ys);
         }
 }
 
@@ -512,18 +583,18 @@ static void gemm_Q8_0(int64_t n, const void *w, size_t ws, int64_t nr, const voi
         int64_t c = 0;
 
 #ifdef __AVX512VNNI__
-        /* The lanes' gather offsets are 32-bit. Short rows stay on the
-         * short kernel at every batch size: it already shares each packed
-         * block among its activation rows, and the lanes kernel's set-up
-         * per group of 16 blocks does not pay for two. */
+        /* The lanes' gather offsets are 32-bit. Rows shorter than a group
+         * stay on the weight lanes at every batch size: they already share
+         * each packed block among the activation rows, and the lanes
+         * kernel's set-up per group of 16 blocks does not pay for two. */
         if (nb >= Q8_GROUP && as <= (size_t)INT32_MAX / 16)
                 for (; nc - c >= Q8_LANES_MIN; c += MO_MIN(nc - c, Q8_LANES))
                         q8_lanes(nb, w, ws, nr, (const uint8_t *)a + c * as, as,
                                  (int)MO_MIN(nc - c, Q8_LANES), y + c * ys, ys);
 #endif
-        /* The short kernel's gather offsets are 32-bit too. */
+        /* The weight lanes' gather offsets are 32-bit too. */
         if (c < nc && nb < Q8_GROUP && ws <= (size_t)INT32_MAX / 16)
-                q8_short(nb, w, ws, nr, (const uint8_t *)a + c * as, as, nc - c, y + c * ys, ys);
+                q8_wl(nb, w, ws, nr, (const uint8_t *)a + c * as, as, nc - c, y + c * ys, ys);
         else if (c < nc)
                 q8_rows(nb, w, ws, nr, (const uint8_t *)a + c * as, as, nc - c, y + c * ys, ys);
 }
