@@ -132,12 +132,47 @@ TILE_INLINE __mmask8 q8_quarter_live(int64_t left, int q)
         return (__mmask8)((1u << (left > q ? (left - q + 3) / 4 : 0)) - 1);
 }
 
+/* 128 x the sum of an activation block: what the offset form (weights
+ * in as w + 128) adds to its dot. */
+TILE_INLINE int32_t q8_block_offset(const block_q8_0 *x)
+{
+        /* Sums of eight (x + 128) as unsigned bytes. */
+        __m256i s = _mm256_sad_epu8(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x->qs),
+                                                     _mm256_set1_epi8((char)0x80)),
+                                    _mm256_setzero_si256());
+        __m128i h = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+
+        return 128 * ((int32_t)(_mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1)) - QK8_0 * 128);
+}
+
+/* The offsets of a group's blocks in the reduction's lane order; lanes
+ * past the row's end are 0. */
+TILE_INLINE __m512i q8_group_offsets(const block_q8_0 *g, int64_t left)
+{
+        int32_t o[16];
+
+        for (int j = 0; j < 16; j++)
+                o[j] = q8_lane_block[j] < left ? q8_block_offset(g + q8_lane_block[j]) : 0;
+        return _mm512_loadu_si512(o);
+}
+
+#ifdef __AVX512VNNI__
+/* With VNNI a full group whose activations were laid out in advance takes
+ * the offset form: the weights in as w + 128, dpbusd's unsigned side, the
+ * activations as they are, and each block's offset taken off after the
+ * reduction, in place of a sign moved onto the activations every step. */
+#define Q8_ROW_OFFSET_FORM 1
+#else
+#define Q8_ROW_OFFSET_FORM 0
+#endif
+
 /* One group of 16 blocks (fewer at the row's end) of one weight row
  * against cn activation rows, each into its own four chains. */
 TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, int64_t cn,
-                              const __m512 *xs, const int8_t *xq, int64_t ng, int64_t g, int64_t left,
-                              __m128 *acc, const bool full)
+                              const __m512 *xs, const int8_t *xq, const __m512i *xo, int64_t ng, int64_t g,
+                              int64_t left, __m128 *acc, const bool full)
 {
+        const bool offset = Q8_ROW_OFFSET_FORM && full && xq;
         __m512i wabs[8];
         __mmask64 wneg[8];
         __m512 dw = q8_group_scales(w + g, full ? 16 : left);
@@ -145,19 +180,34 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
         for (int i = 0; i < 8; i++) {
                 __m512i q = q8_qs_pair(w + g + 2 * i, full ? 2 : left - 2 * i);
 
+                if (offset) {
+                        wabs[i] = _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
+                        continue;
+                }
                 wabs[i] = _mm512_abs_epi8(q);
                 wneg[i] = _mm512_movepi8_mask(q);
         }
         for (int64_t c = 0; c < cn; c++) {
                 const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + g;
-                __m512i p[8];
+                __m512i p[8], red;
                 __m512 f, s;
 
-                for (int i = 0; i < 8; i++)
+                for (int i = 0; i < 8; i++) {
+#ifdef __AVX512VNNI__
+                        if (offset) {
+                                p[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs[i], _mm512_loadu_si512(
+                                        xq + (c * ng * Q8_GROUP + g + 2 * i) * QK8_0));
+                                continue;
+                        }
+#endif
                         p[i] = q8_dot4(_mm512_setzero_si512(), wabs[i], wneg[i],
                                        full && xq ? _mm512_loadu_si512(xq + (c * ng * Q8_GROUP + g + 2 * i) * QK8_0) :
                                                     q8_qs_pair(x + 2 * i, full ? 2 : left - 2 * i));
-                f = _mm512_cvtepi32_ps(q8_reduce(p));
+                }
+                red = q8_reduce(p);
+                if (offset)
+                        red = _mm512_sub_epi32(red, xo[c * ng + g / Q8_GROUP]);
+                f = _mm512_cvtepi32_ps(red);
                 s = _mm512_mul_ps(dw, xs ? xs[c * ng + g / Q8_GROUP] : q8_group_scales(x, full ? 16 : left));
                 if (full) {
                         acc[c] = _mm_fmadd_ps(_mm512_castps512_ps128(f), _mm512_castps512_ps128(s), acc[c]);
@@ -181,9 +231,10 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
 /* One weight row against cn activation rows (at most Q8_LANES_MIN - 1);
  * xs holds each activation row's group scales (q8_group_scales) one after
  * another, ng groups each, or is NULL to take them as it goes; xq, when not
- * NULL, their quants without the scales between blocks, ng groups each. */
+ * NULL, their quants without the scales between blocks, ng groups each,
+ * and xo their offsets (q8_group_offsets), as xs. */
 static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as, int64_t cn,
-                   const __m512 *xs, const int8_t *xq, int64_t ng, float *y, int64_t ys)
+                   const __m512 *xs, const int8_t *xq, const __m512i *xo, int64_t ng, float *y, int64_t ys)
 {
         __m128 acc[Q8_LANES_MIN - 1];
         int64_t g = 0;
@@ -191,9 +242,9 @@ static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as,
         for (int64_t c = 0; c < cn; c++)
                 acc[c] = _mm_setzero_ps();
         for (; g + Q8_GROUP <= nb; g += Q8_GROUP)
-                q8_row_group(w, a, as, cn, xs, xq, ng, g, Q8_GROUP, acc, true);
+                q8_row_group(w, a, as, cn, xs, xq, xo, ng, g, Q8_GROUP, acc, true);
         if (g < nb)
-                q8_row_group(w, a, as, cn, xs, xq, ng, g, nb - g, acc, false);
+                q8_row_group(w, a, as, cn, xs, xq, xo, ng, g, nb - g, acc, false);
         for (int64_t c = 0; c < cn; c++)
                 y[c * ys] = q8_chains_sum(acc[c]);
 }
@@ -263,17 +314,8 @@ static void q8_wl_offsets(const uint8_t *a, size_t as, int64_t nc, int64_t nb, i
 {
 #ifdef __AVX512VNNI__
         for (int64_t c = 0; c < nc; c++)
-                for (int64_t b = 0; b < nb; b++) {
-                        const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + b;
-                        /* Sums of eight (x + 128) as unsigned bytes. */
-                        __m256i s = _mm256_sad_epu8(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x->qs),
-                                                                     _mm256_set1_epi8((char)0x80)),
-                                                    _mm256_setzero_si256());
-                        __m128i h = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-
-                        off[c * nb + b] = 128 * ((int)(_mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1)) -
-                                                 QK8_0 * 128);
-                }
+                for (int64_t b = 0; b < nb; b++)
+                        off[c * nb + b] = q8_block_offset((const block_q8_0 *)(a + (size_t)c * as) + b);
 #else
         (void)a, (void)as, (void)nc, (void)nb, (void)off;
 #endif
@@ -553,6 +595,7 @@ static void q8_rows(int64_t nb, const void *w, size_t ws, int64_t nr, const uint
         enum { XS_GROUPS = 64 };
         const int64_t ng = (nb + Q8_GROUP - 1) / Q8_GROUP;
         __m512 xs[XS_GROUPS];
+        __m512i xo[Q8_ROW_OFFSET_FORM ? XS_GROUPS : 1];
         int8_t xq[XS_GROUPS * Q8_GROUP * QK8_0] __attribute__((aligned(64)));
         /* Past 64 groups (k over 32768) the activations are read in place. */
         const bool fit = ng <= XS_GROUPS;
@@ -565,14 +608,17 @@ static void q8_rows(int64_t nb, const void *w, size_t ws, int64_t nr, const uint
                 for (int64_t c = 0; fit && c < cn; c++) {
                         const block_q8_0 *x = (const block_q8_0 *)(ac + (size_t)c * as);
 
-                        for (int64_t g = 0; g < ng; g++)
+                        for (int64_t g = 0; g < ng; g++) {
                                 xs[c * ng + g] = q8_group_scales(x + g * Q8_GROUP, nb - g * Q8_GROUP);
+                                if (Q8_ROW_OFFSET_FORM)
+                                        xo[c * ng + g] = q8_group_offsets(x + g * Q8_GROUP, nb - g * Q8_GROUP);
+                        }
                         for (int64_t b = 0; b < nb; b++)
                                 memcpy(xq + (c * ng * Q8_GROUP + b) * QK8_0, x[b].qs, QK8_0);
                 }
                 for (int64_t r = 0; r < nr; r++)
                         q8_row(nb, (const block_q8_0 *)((const uint8_t *)w + r * ws), ac, as, cn,
-                               fit ? xs : NULL, fit ? xq : NULL, ng, y + c0 * ys + r, ys);
+                               fit ? xs : NULL, fit ? xq : NULL, xo, ng, y + c0 * ys + r, ys);
         }
 }
 
