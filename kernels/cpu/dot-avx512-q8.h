@@ -173,7 +173,7 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
                               int64_t left, __m128 *acc, const bool full)
 {
         const bool offset = Q8_ROW_OFFSET_FORM && full && xq;
-        __m512i wabs[8];
+        __m512i wv[8]; /* |w|, or w + 128 in the offset form */
         __mmask64 wneg[8];
         __m512 dw = q8_group_scales(w + g, full ? 16 : left);
 
@@ -181,10 +181,10 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
                 __m512i q = q8_qs_pair(w + g + 2 * i, full ? 2 : left - 2 * i);
 
                 if (offset) {
-                        wabs[i] = _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
+                        wv[i] = _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
                         continue;
                 }
-                wabs[i] = _mm512_abs_epi8(q);
+                wv[i] = _mm512_abs_epi8(q);
                 wneg[i] = _mm512_movepi8_mask(q);
         }
         for (int64_t c = 0; c < cn; c++) {
@@ -195,12 +195,12 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
                 for (int i = 0; i < 8; i++) {
 #ifdef __AVX512VNNI__
                         if (offset) {
-                                p[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs[i], _mm512_loadu_si512(
+                                p[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[i], _mm512_loadu_si512(
                                         xq + (c * ng * Q8_GROUP + g + 2 * i) * QK8_0));
                                 continue;
                         }
 #endif
-                        p[i] = q8_dot4(_mm512_setzero_si512(), wabs[i], wneg[i],
+                        p[i] = q8_dot4(_mm512_setzero_si512(), wv[i], wneg[i],
                                        full && xq ? _mm512_loadu_si512(xq + (c * ng * Q8_GROUP + g + 2 * i) * QK8_0) :
                                                     q8_qs_pair(x + 2 * i, full ? 2 : left - 2 * i));
                 }
