@@ -157,13 +157,14 @@ TILE_INLINE __m512i q8_group_offsets(const block_q8_0 *g, int64_t left)
 }
 
 #ifdef __AVX512VNNI__
-/* With VNNI a full group whose activations were laid out in advance takes
- * the offset form: the weights in as w + 128, dpbusd's unsigned side, the
- * activations as they are, and each block's offset taken off after the
- * reduction, in place of a sign moved onto the activations every step. */
-#define Q8_ROW_OFFSET_FORM 1
+/* With VNNI the short rows, and in the row kernel a full group whose
+ * activations were laid out in advance, take the offset form: the weights
+ * in as w + 128, dpbusd's unsigned side, the activations as they are, and
+ * each block's offset taken off after the dot, in place of a sign moved
+ * onto the activations every step. */
+#define Q8_OFFSET_FORM 1
 #else
-#define Q8_ROW_OFFSET_FORM 0
+#define Q8_OFFSET_FORM 0
 #endif
 
 /* One group of 16 blocks (fewer at the row's end) of one weight row
@@ -172,7 +173,7 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
                               const __m512 *xs, const int8_t *xq, const __m512i *xo, int64_t ng, int64_t g,
                               int64_t left, __m128 *acc, const bool full)
 {
-        const bool offset = Q8_ROW_OFFSET_FORM && full && xq;
+        const bool offset = Q8_OFFSET_FORM && full && xq;
         __m512i wv[8]; /* |w|, or w + 128 in the offset form */
         __mmask64 wneg[8];
         __m512 dw = q8_group_scales(w + g, full ? 16 : left);
@@ -308,17 +309,12 @@ static void q8_wl_pack(struct q8_wl_rows *out, int64_t nb, const uint8_t *w, siz
         }
 }
 
-/* off[c * nb + b] = 128 x the sum of block b of activation row c (VNNI's
- * offset; unused without it). */
+/* off[c * nb + b] = 128 x the sum of block b of activation row c. */
 static void q8_wl_offsets(const uint8_t *a, size_t as, int64_t nc, int64_t nb, int32_t *off)
 {
-#ifdef __AVX512VNNI__
         for (int64_t c = 0; c < nc; c++)
                 for (int64_t b = 0; b < nb; b++)
                         off[c * nb + b] = q8_block_offset((const block_q8_0 *)(a + (size_t)c * as) + b);
-#else
-        (void)a, (void)as, (void)nc, (void)nb, (void)off;
-#endif
 }
 
 /* CN activation rows against the packed rows, into y (rows [0, rn)):
@@ -402,7 +398,7 @@ static void q8_wl_chunk(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, con
 }
 
 /* The weight-lanes kernel, nb < 16, in chunks of columns whose offsets
- * fit the stack. */
+ * fit the stack (worked out only in the offset form). */
 static void q8_wl(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a, size_t as,
                   int64_t nc, float *y, int64_t ys)
 {
@@ -412,7 +408,8 @@ static void q8_wl(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uin
         for (int64_t c = 0; c < nc; c += cc) {
                 const int64_t cn = MO_MIN(nc - c, cc);
 
-                q8_wl_offsets(a + (size_t)c * as, as, cn, nb, off);
+                if (Q8_OFFSET_FORM)
+                        q8_wl_offsets(a + (size_t)c * as, as, cn, nb, off);
                 q8_wl_chunk(nb, w, ws, nr, a + (size_t)c * as, as, cn, off, y + c * ys, ys);
         }
 }
@@ -595,7 +592,7 @@ static void q8_rows(int64_t nb, const void *w, size_t ws, int64_t nr, const uint
         enum { XS_GROUPS = 64 };
         const int64_t ng = (nb + Q8_GROUP - 1) / Q8_GROUP;
         __m512 xs[XS_GROUPS];
-        __m512i xo[Q8_ROW_OFFSET_FORM ? XS_GROUPS : 1];
+        __m512i xo[Q8_OFFSET_FORM ? XS_GROUPS : 1];
         int8_t xq[XS_GROUPS * Q8_GROUP * QK8_0] __attribute__((aligned(64)));
         /* Past 64 groups (k over 32768) the activations are read in place. */
         const bool fit = ng <= XS_GROUPS;
@@ -610,7 +607,7 @@ static void q8_rows(int64_t nb, const void *w, size_t ws, int64_t nr, const uint
 
                         for (int64_t g = 0; g < ng; g++) {
                                 xs[c * ng + g] = q8_group_scales(x + g * Q8_GROUP, nb - g * Q8_GROUP);
-                                if (Q8_ROW_OFFSET_FORM)
+                                if (Q8_OFFSET_FORM)
                                         xo[c * ng + g] = q8_group_offsets(x + g * Q8_GROUP, nb - g * Q8_GROUP);
                         }
                         for (int64_t b = 0; b < nb; b++)
