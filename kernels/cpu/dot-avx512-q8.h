@@ -11,11 +11,14 @@
  * handful of activation rows. The lanes kernel (VNNI only) puts 16
  * activation rows in the lanes of a vector and broadcasts the weights, so
  * that each weight byte feeds 16 products per instruction and the float
- * work of a block is shared by 16 outputs; it serves batches and prefill.
- * Rows shorter than a group (the attention's per-head products) go to the
- * weight-lanes kernel, which puts 16 weight rows in the lanes instead.
- * On a 2-core Zen 4 the lanes kernel runs 1.5-1.8x the multiply-adds per
- * second of the 4 x 4 tiles it replaced (tools/moed-bench, bench/results).
+ * work of a block is shared by 16 outputs; it serves decode batches of 8
+ * to Q8_WL_FULL_MIN - 1 rows. The weight-lanes kernel puts 16 weight rows
+ * in the lanes instead and broadcasts the activations; it takes rows
+ * shorter than a group (the attention's per-head products) at every batch
+ * size and, with VNNI, everything from Q8_WL_FULL_MIN activation rows on
+ * (prefill). On a 2-core Zen 4 the lanes kernel runs 1.5-1.8x the
+ * multiply-adds per second of the 4 x 4 tiles it replaced
+ * (tools/moed-bench, bench/results).
  * All give the same bits, so a sequence's logits do not depend on what it
  * is batched with. */
 
@@ -23,6 +26,13 @@
 /* Fewer activation rows than this go through the row kernel: below it the
  * lanes kernel's fixed cost per weight block outweighs its sharing. */
 #define Q8_LANES_MIN 8
+/* From this many activation rows on, full rows go to the weight lanes
+ * (VNNI only). Two threads streaming 8192 x 1024 matrices from memory,
+ * lanes kernel against weight lanes, GMAC/s: 24 rows 111-114 against
+ * 175-182, 64 rows 156 against 238-253, 128 rows 164-169 against 256-259.
+ * At 16 the output head ran slower in the weight lanes (129-152 against
+ * 154-170), so decode batches stay in the lanes. */
+#define Q8_WL_FULL_MIN 24
 /* The lanes kernel's activation pack covers this many blocks and its
  * accumulators this many weight rows (about 34 KiB of stack together). */
 #define Q8_PACK_BLOCKS 32
@@ -258,10 +268,13 @@ static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as,
  * reduce. Such rows lie next to each other, so 16 of them are one stream.
  * Block b goes to chain b / 4 in ascending order, as in the row kernel.
  * It serves every batch size for such rows, so a column's bits never
- * depend on how many came with it. (Full groups against 3 to 7 activation
- * rows ran faster here than in the row kernel on one core with the
- * weights in cache, and slower on two streaming a batch's experts: the
- * row kernel's one stream a row suits the memory better.)
+ * depend on how many came with it. Full rows it takes a group of 16
+ * blocks at a time, each column's chains kept between groups, when there
+ * are enough activation rows to share each packed group (Q8_WL_FULL_MIN).
+ * (Full groups against 3 to 7 activation rows ran faster here than in the
+ * row kernel on one core with the weights in cache, and slower on two
+ * streaming a batch's experts: the row kernel's one stream a row suits
+ * the memory better.)
  * With VNNI the weights go in as w + 128, the unsigned side of dpbusd, so
  * that the signed activations are broadcast straight from memory, and
  * 128 x the sum of each activation block comes off every dot; without
@@ -272,25 +285,31 @@ static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as,
 /* Offsets kept per call: at most this many (column, block) pairs. */
 #define Q8_WL_OFFSETS 4096
 
+/* Activation rows per call of q8_wl_chunk when rows span groups: the
+ * chains of each are kept between groups. */
+#define Q8_WL_COLS 64
+
+/* One group of 16 rows' blocks, packed. */
 struct q8_wl_rows {
 #ifdef __AVX512VNNI__
-        __m512i wu[Q8_GROUP - 1][8];   /* w + 128 of block b, dword t in lane r */
+        __m512i wu[Q8_GROUP][8];   /* w + 128 of block b, dword t in lane r */
 #else
-        __m512i wabs[Q8_GROUP - 1][8]; /* |w| of block b, dword t in lane r */
-        __mmask64 wneg[Q8_GROUP - 1][8];
+        __m512i wabs[Q8_GROUP][8]; /* |w| of block b, dword t in lane r */
+        __mmask64 wneg[Q8_GROUP][8];
 #endif
-        __m512 d[Q8_GROUP - 1];        /* lane r: row r's block scale */
+        __m512 d[Q8_GROUP];        /* lane r: row r's block scale */
 };
 
-/* Blocks [0, nb) of rows [0, rn) at w, ws apart. */
-static void q8_wl_pack(struct q8_wl_rows *out, int64_t nb, const uint8_t *w, size_t ws, int rn)
+/* Blocks [b0, b0 + bn) of rows [0, rn) at w, ws apart, bn <= Q8_GROUP. */
+static void q8_wl_pack(struct q8_wl_rows *out, int64_t b0, int64_t bn, const uint8_t *w, size_t ws, int rn)
 {
         static const int8_t zero[32];
         const __m512i gidx = lanes_offsets(ws);
         const __mmask16 live = (__mmask16)((1u << rn) - 1);
         const void *row[16];
 
-        for (int64_t b = 0; b < nb; b++) {
+        w += (size_t)b0 * sizeof(block_q8_0);
+        for (int64_t b = 0; b < bn; b++) {
                 __m512i q[8];
 
                 for (int r = 0; r < 16; r++)
@@ -317,27 +336,30 @@ static void q8_wl_offsets(const uint8_t *a, size_t as, int64_t nc, int64_t nb, i
                         off[c * nb + b] = q8_block_offset((const block_q8_0 *)(a + (size_t)c * as) + b);
 }
 
-/* CN activation rows against the packed rows, into y (rows [0, rn)):
- * each block's weights are read once for all CN, and CN independent
+/* CN activation rows against the packed group (blocks b0..b0 + bn of
+ * every row), continuing each column's four chains in keep[c] (zeros at
+ * the first group); after the last they are summed into y (rows [0, rn)).
+ * Each block's weights are read once for all CN, and CN independent
  * chains keep the unit busy. off: these rows' offsets, onb apart. */
-TILE_INLINE void q8_wl_cols(const struct q8_wl_rows *wt, int64_t nb, const uint8_t *a, size_t as,
-                            const int32_t *off, int64_t onb, float *y, int64_t ys, int rn, const int CN)
+TILE_INLINE void q8_wl_cols(const struct q8_wl_rows *wt, int64_t b0, int64_t bn, const uint8_t *a, size_t as,
+                            const int32_t *off, int64_t onb, __m512 (*keep)[4], bool first, bool last,
+                            float *y, int64_t ys, int rn, const int CN)
 {
         __m512 acc[4][4];
 
         for (int c = 0; c < CN; c++)
                 for (int ch = 0; ch < 4; ch++)
-                        acc[c][ch] = _mm512_setzero_ps();
+                        acc[c][ch] = first ? _mm512_setzero_ps() : keep[c][ch];
 #pragma GCC unroll 4
         for (int ch = 0; ch < 4; ch++) {
-                for (int64_t b = 4 * ch; b < MO_MIN(nb, 4 * ch + 4); b++) {
+                for (int64_t b = 4 * ch; b < MO_MIN(bn, 4 * ch + 4); b++) {
                         __m512i s[4];
 
                         for (int c = 0; c < CN; c++)
                                 s[c] = _mm512_setzero_si512();
                         for (int t = 0; t < 8; t++)
                                 for (int c = 0; c < CN; c++) {
-                                        const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + b;
+                                        const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + b0 + b;
                                         __m512i xb = _mm512_set1_epi32((int)mo_load_u32le((const uint8_t *)x->qs + 4 * t));
 #ifdef __AVX512VNNI__
                                         s[c] = _mm512_dpbusd_epi32(s[c], wt->wu[b][t], xb);
@@ -346,11 +368,11 @@ TILE_INLINE void q8_wl_cols(const struct q8_wl_rows *wt, int64_t nb, const uint8
 #endif
                                 }
                         for (int c = 0; c < CN; c++) {
-                                const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + b;
+                                const block_q8_0 *x = (const block_q8_0 *)(a + (size_t)c * as) + b0 + b;
                                 __m512 sc = _mm512_mul_ps(wt->d[b], _mm512_set1_ps(half_to_f32(x->d)));
 
 #ifdef __AVX512VNNI__
-                                s[c] = _mm512_sub_epi32(s[c], _mm512_set1_epi32(off[c * onb + b]));
+                                s[c] = _mm512_sub_epi32(s[c], _mm512_set1_epi32(off[c * onb + b0 + b]));
 #else
                                 (void)off, (void)onb;
 #endif
@@ -358,52 +380,70 @@ TILE_INLINE void q8_wl_cols(const struct q8_wl_rows *wt, int64_t nb, const uint8
                         }
                 }
         }
-        for (int c = 0; c < CN; c++)
+        for (int c = 0; c < CN; c++) {
+                if (!last) {
+                        for (int ch = 0; ch < 4; ch++)
+                                keep[c][ch] = acc[c][ch];
+                        continue;
+                }
                 _mm512_mask_storeu_ps(y + c * ys, (__mmask16)((1u << rn) - 1),
                                       _mm512_add_ps(_mm512_add_ps(acc[c][0], acc[c][1]),
                                                     _mm512_add_ps(acc[c][2], acc[c][3])));
+        }
 }
 
-/* nr weight rows of nb < 16 blocks, ws <= INT32_MAX / 16 bytes apart,
- * against nc activation rows whose offsets are off. */
+/* nr weight rows of nb blocks, ws <= INT32_MAX / 16 bytes apart, against
+ * nc activation rows (at most Q8_WL_COLS when nb > Q8_GROUP) whose
+ * offsets are off; a group of 16 rows' blocks at a time. */
 static void q8_wl_chunk(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a, size_t as,
                         int64_t nc, const int32_t *off, float *y, int64_t ys)
 {
         struct q8_wl_rows wt;
+        __m512 keep[Q8_WL_COLS][4];
 
         for (int64_t r0 = 0; r0 < nr; r0 += 16) {
                 const int rn = (int)MO_MIN(nr - r0, 16);
 
-                q8_wl_pack(&wt, nb, w + (size_t)r0 * ws, ws, rn);
                 /* The 16 rows after the next, while these meet the
                  * activations: the pack's walk down 16 rows at once defeats
                  * the hardware's prefetch. Streamed from memory, wq_b of the
                  * bench shape ran at half its in-cache speed at 16 columns
                  * and a quarter at one. */
-                for (int64_t r = r0 + 32; r < MO_MIN(r0 + 48, nr); r++)
-                        prefetch_l2(w + (size_t)r * ws, (size_t)nb * sizeof(block_q8_0));
-                for (int64_t c = 0; c < nc; c += 4) {
-                        const uint8_t *ac = a + (size_t)c * as;
-                        const int32_t *oc = off + c * nb;
-                        float *yc = y + c * ys + r0;
+                for (int64_t g0 = 0; g0 < nb; g0 += Q8_GROUP) {
+                        const int64_t bn = MO_MIN(nb - g0, Q8_GROUP);
+                        const bool first = g0 == 0, last = g0 + bn == nb;
 
-                        switch (MO_MIN(nc - c, 4)) {
-                        case 1: q8_wl_cols(&wt, nb, ac, as, oc, nb, yc, ys, rn, 1); break;
-                        case 2: q8_wl_cols(&wt, nb, ac, as, oc, nb, yc, ys, rn, 2); break;
-                        case 3: q8_wl_cols(&wt, nb, ac, as, oc, nb, yc, ys, rn, 3); break;
-                        default: q8_wl_cols(&wt, nb, ac, as, oc, nb, yc, ys, rn, 4); break;
+                        for (int64_t r = r0 + 32; r < MO_MIN(r0 + 48, nr); r++)
+                                prefetch_l2(w + (size_t)r * ws + (size_t)g0 * sizeof(block_q8_0), (size_t)bn * sizeof(block_q8_0));
+
+                        q8_wl_pack(&wt, g0, bn, w + (size_t)r0 * ws, ws, rn);
+                        for (int64_t c = 0; c < nc; c += 4) {
+                                const uint8_t *ac = a + (size_t)c * as;
+                                const int32_t *oc = off + c * nb;
+                                /* one group: nothing kept */
+                                __m512 (*kc)[4] = nb > Q8_GROUP ? keep + c : NULL;
+                                float *yc = y + c * ys + r0;
+
+                                switch (MO_MIN(nc - c, 4)) {
+                                case 1: q8_wl_cols(&wt, g0, bn, ac, as, oc, nb, kc, first, last, yc, ys, rn, 1); break;
+                                case 2: q8_wl_cols(&wt, g0, bn, ac, as, oc, nb, kc, first, last, yc, ys, rn, 2); break;
+                                case 3: q8_wl_cols(&wt, g0, bn, ac, as, oc, nb, kc, first, last, yc, ys, rn, 3); break;
+                                default: q8_wl_cols(&wt, g0, bn, ac, as, oc, nb, kc, first, last, yc, ys, rn, 4); break;
+                                }
                         }
                 }
         }
 }
 
-/* The weight-lanes kernel, nb < 16, in chunks of columns whose offsets
- * fit the stack (worked out only in the offset form). */
+/* The weight-lanes kernel, nb <= Q8_WL_OFFSETS, in chunks of columns
+ * whose offsets fit the stack (worked out only in the offset form) and,
+ * for rows past one group, whose kept chains do. */
 static void q8_wl(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a, size_t as,
                   int64_t nc, float *y, int64_t ys)
 {
         int32_t off[Q8_WL_OFFSETS];
-        const int64_t cc = MO_MAX(1, MO_MIN(nc, Q8_WL_OFFSETS / MO_MAX(nb, 1)));
+        const int64_t cc = MO_MAX(1, MO_MIN(MO_MIN(nc, Q8_WL_OFFSETS / MO_MAX(nb, 1)),
+                                            nb > Q8_GROUP ? Q8_WL_COLS : INT64_MAX));
 
         for (int64_t c = 0; c < nc; c += cc) {
                 const int64_t cn = MO_MIN(nc - c, cc);
@@ -626,10 +666,15 @@ static void gemm_Q8_0(int64_t n, const void *w, size_t ws, int64_t nr, const voi
         int64_t c = 0;
 
 #ifdef __AVX512VNNI__
-        /* The lanes' gather offsets are 32-bit. Rows shorter than a group
-         * stay on the weight lanes at every batch size: they already share
-         * each packed block among the activation rows, and the lanes
-         * kernel's set-up per group of 16 blocks does not pay for two. */
+        /* Both kinds of lanes gather with 32-bit offsets. Rows shorter
+         * than a group stay on the weight lanes at every batch size: they
+         * already share each packed block among the activation rows, and
+         * the lanes kernel's set-up per group of 16 blocks does not pay
+         * for two. */
+        if (nb >= Q8_GROUP && nb <= Q8_WL_OFFSETS && nc >= Q8_WL_FULL_MIN && ws <= (size_t)INT32_MAX / 16) {
+                q8_wl(nb, w, ws, nr, (const uint8_t *)a, as, nc, y, ys);
+                return;
+        }
         if (nb >= Q8_GROUP && as <= (size_t)INT32_MAX / 16)
                 for (; nc - c >= Q8_LANES_MIN; c += MO_MIN(nc - c, Q8_LANES))
                         q8_lanes(nb, w, ws, nr, (const uint8_t *)a + c * as, as,
