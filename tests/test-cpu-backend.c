@@ -337,7 +337,7 @@ static void avx512_vnni_kernels_equal_plain_avx512_bits(void **state)
         for (size_t i = 0; i < N_TYPES; i++) {
                 int type = weight_types[i];
                 int64_t n = block_of(type) == 1 ? 100 : 5 * block_of(type) * (block_of(type) == 32 ? 3 : 1);
-                /* 19 columns: the VNNI build runs its lanes kernel on 15 of them. */
+                /* 19 columns: past every batch kernel's threshold in the VNNI build. */
                 int64_t nr = 7, nc = 19;
                 float *x = malloc(sizeof(float) * (size_t)(nc * n));
                 float y1[7 * 19], y2[7 * 19];
@@ -362,12 +362,11 @@ static void avx512_vnni_kernels_equal_plain_avx512_bits(void **state)
 /* Every kernel sums each output in one order whatever the number of
  * activation rows it gets at once, so column c of a wide call has the bits
  * of column c alone. The sizes cross every boundary the AVX-512 Q8_0 and
- * Q4_K kernels have: the row kernels below 8 columns and the lanes
- * kernels' 15- and 16-lane tiles above, a last group of 16 blocks (Q8_0)
- * or 4 super-blocks (K-quants) that is partial, the lanes packs' chunks of
- * 32 blocks or 4 super-blocks, their 64-row blocks and their row pairs;
- * and short rows: Q8_0 rows of fewer than 16 blocks, which have their own
- * kernel, and K-quant rows of two super-blocks, which go in pairs. */
+ * Q4_K kernels have: the row kernels below 8 columns and the weight
+ * lanes' chunks of 4 columns and tiles of 16 rows above, a last group of
+ * 16 blocks (Q8_0) or 4 super-blocks (K-quants) that is partial; and short
+ * rows: Q8_0 rows of fewer than 16 blocks, which have their own loop, and
+ * K-quant rows of two super-blocks, which go in pairs. */
 static void gemm_bits_do_not_depend_on_column_count(void **state)
 {
         const int64_t ncs[] = { 2, 3, 7, 8, 9, 12, 13, 15, 16, 22, 23, 31, 33 };
@@ -428,12 +427,14 @@ static float q8_0_fixed_order(const block_q8_0 *w, const block_q8_0 *x, int64_t 
         return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
-/* Every Q8_0 kernel of the AVX-512 level (short rows, the row kernel, the
- * lanes of 16) sums in that order, bit for bit, at any column count: the
- * kernels agree with each other only because each keeps it. */
+/* Every Q8_0 kernel of the AVX-512 level (the row kernel, the weight lanes
+ * on short rows and on full ones, whose chains are kept between groups and
+ * whose columns go 64 at a time) sums in that order, bit for bit, at any
+ * column count: the kernels agree with each other only because each keeps
+ * it. */
 static void q8_0_avx512_sums_follow_the_fixed_order(void **state)
 {
-        const int64_t nbs[] = { 2, 12, 16, 37 }, ncs[] = { 1, 3, 7, 8, 16, 17, 33 };
+        const int64_t nbs[] = { 2, 12, 16, 37 }, ncs[] = { 1, 3, 7, 8, 16, 17, 33, 70 };
         const int64_t nr = 37;
         const struct mo_cpu_kernels *k = mo_cpu_kernels_at(MO_SIMD_AVX512);
 

@@ -6,37 +6,28 @@
  *   chain s  = for each group of 16 blocks in turn, blocks 4s..4s+3 of the
  *              group in ascending order: acc_s = fma(idot, d_w * d_x, acc_s);
  *   y        = (acc_0 + acc_1) + (acc_2 + acc_3).
- * Three kernels compute it. The row kernel streams one weight row at a time
+ * Two kernels compute it. The row kernel streams one weight row at a time
  * and vectorises over the 16 blocks of a group; it serves decode and any
- * handful of activation rows. The lanes kernel (VNNI only) puts 16
- * activation rows in the lanes of a vector and broadcasts the weights, so
- * that each weight byte feeds 16 products per instruction and the float
- * work of a block is shared by 16 outputs; it serves decode batches of 8
- * to Q8_WL_FULL_MIN - 1 rows. The weight-lanes kernel puts 16 weight rows
- * in the lanes instead and broadcasts the activations; it takes rows
- * shorter than a group (the attention's per-head products) at every batch
- * size and, with VNNI, everything from Q8_WL_FULL_MIN activation rows on
- * (prefill). On a 2-core Zen 4 the lanes kernel runs 1.5-1.8x the
- * multiply-adds per second of the 4 x 4 tiles it replaced
- * (tools/moed-bench, bench/results).
+ * handful of activation rows. The weight-lanes kernel puts 16 weight rows
+ * in the lanes of a vector, transposed once for every activation row, and
+ * broadcasts the activations, so that a block's dot lands in one lane
+ * with nothing to reduce; it takes rows shorter than a group (the
+ * attention's per-head products) at every batch size and, with VNNI,
+ * full rows from Q8_WL_MIN activation rows on (decode batches, prefill).
  * All give the same bits, so a sequence's logits do not depend on what it
  * is batched with. */
 
 #define Q8_GROUP 16
-/* Fewer activation rows than this go through the row kernel: below it the
- * lanes kernel's fixed cost per weight block outweighs its sharing. */
-#define Q8_LANES_MIN 8
-/* From this many activation rows on, full rows go to the weight lanes
- * (VNNI only). Two threads streaming 8192 x 1024 matrices from memory,
- * lanes kernel against weight lanes, GMAC/s: 24 rows 111-114 against
- * 175-182, 64 rows 156 against 238-253, 128 rows 164-169 against 256-259.
- * At 16 the output head ran slower in the weight lanes (129-152 against
- * 154-170), so decode batches stay in the lanes. */
-#define Q8_WL_FULL_MIN 24
-/* The lanes kernel's activation pack covers this many blocks and its
- * accumulators this many weight rows (about 34 KiB of stack together). */
-#define Q8_PACK_BLOCKS 32
-#define Q8_PACK_ROWS 64
+/* Fewer activation rows than this go through the row kernel, more
+ * (with VNNI) through the weight lanes, which replaced a kernel that put
+ * 16 activation rows in the lanes and broadcast the weights. Two threads
+ * streaming from memory, that kernel against the weight lanes, GMAC/s:
+ * 129280 x 1024 (the output head) at 8 rows 91-92 against 112-120, at 16
+ * rows 144-155 against 183-193; 8192 x 1024 at 24 rows 106-118 against
+ * 194-209, at 128 rows 145-148 against 250-263. Below 8 rows the row
+ * kernel's one stream a row suits the memory better: 512 x 1024 experts
+ * at 3 rows 73-77 against 43-47. */
+#define Q8_WL_MIN 8
 
 /* The row kernel's reduction leaves block q + 4s of a group in lane 4q + s. */
 static const int32_t q8_lane_block[16] = { 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15 };
@@ -239,7 +230,7 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
         }
 }
 
-/* One weight row against cn activation rows (at most Q8_LANES_MIN - 1);
+/* One weight row against cn activation rows (at most Q8_WL_MIN - 1);
  * xs holds each activation row's group scales (q8_group_scales) one after
  * another, ng groups each, or is NULL to take them as it goes; xq, when not
  * NULL, their quants without the scales between blocks, ng groups each,
@@ -247,7 +238,7 @@ TILE_INLINE void q8_row_group(const block_q8_0 *w, const uint8_t *a, size_t as, 
 static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as, int64_t cn,
                    const __m512 *xs, const int8_t *xq, const __m512i *xo, int64_t ng, float *y, int64_t ys)
 {
-        __m128 acc[Q8_LANES_MIN - 1];
+        __m128 acc[Q8_WL_MIN - 1];
         int64_t g = 0;
 
         for (int64_t c = 0; c < cn; c++)
@@ -266,15 +257,12 @@ static void q8_row(int64_t nb, const block_q8_0 *w, const uint8_t *a, size_t as,
  * (transposed once, shared by every activation row) and broadcasts the
  * activations, so that a block's dot lands in one lane with nothing to
  * reduce. Such rows lie next to each other, so 16 of them are one stream.
- * Block b goes to chain b / 4 in ascending order, as in the row kernel.
+ * Block b goes to chain (b % 16) / 4 in ascending order, as in the row
+ * kernel.
  * It serves every batch size for such rows, so a column's bits never
  * depend on how many came with it. Full rows it takes a group of 16
  * blocks at a time, each column's chains kept between groups, when there
- * are enough activation rows to share each packed group (Q8_WL_FULL_MIN).
- * (Full groups against 3 to 7 activation rows ran faster here than in the
- * row kernel on one core with the weights in cache, and slower on two
- * streaming a batch's experts: the row kernel's one stream a row suits
- * the memory better.)
+ * are enough activation rows to share each packed group (Q8_WL_MIN).
  * With VNNI the weights go in as w + 128, the unsigned side of dpbusd, so
  * that the signed activations are broadcast straight from memory, and
  * 128 x the sum of each activation block comes off every dot; without
@@ -392,9 +380,51 @@ TILE_INLINE void q8_wl_cols(const struct q8_wl_rows *wt, int64_t b0, int64_t bn,
         }
 }
 
+/* Prefetches for the band of 16 rows from r0 of q8_wl_chunk, before
+ * the k-th of its nk chunks of columns in the group from block g0: the
+ * pack's walk down 16 rows at once defeats the hardware's prefetch.
+ * Short rows (one group) take the whole of the 16 rows after the next at
+ * once, as tuned on wq_b: streamed, it ran at half its in-cache speed at
+ * 16 columns and a quarter at one without. Longer rows take the same
+ * group of the next 16 rows, spread over the chunks: issued at once, the
+ * prefetches overran the memory's queue (the output head at 16 columns,
+ * two threads, 129-152 GMAC/s that way, 184-193 spread). */
+TILE_INLINE void q8_wl_prefetch(const uint8_t *w, size_t ws, int64_t nr, int64_t nb, int64_t r0, int64_t g0,
+                                int64_t k, int64_t nk)
+{
+        const size_t bsz = sizeof(block_q8_0);
+        int64_t per, p0;
+
+        if (nb <= Q8_GROUP) {
+                for (int64_t r = r0 + 32; k == 0 && r < MO_MIN(r0 + 48, nr); r++)
+                        prefetch_l2(w + (size_t)r * ws, (size_t)nb * bsz);
+                return;
+        }
+        per = (16 + nk - 1) / nk;
+        p0 = r0 + 16 + k * per;
+        for (int64_t r = p0; r < MO_MIN(MO_MIN(p0 + per, r0 + 32), nr); r++)
+                prefetch_l2(w + (size_t)r * ws + (size_t)g0 * bsz, (size_t)MO_MIN(nb - g0, Q8_GROUP) * bsz);
+}
+
+/* q8_wl_cols for cn <= 4 columns. */
+TILE_INLINE void q8_wl_cols_n(const struct q8_wl_rows *wt, int64_t b0, int64_t bn, const uint8_t *a, size_t as,
+                              const int32_t *off, int64_t onb, __m512 (*keep)[4], bool first, bool last,
+                              float *y, int64_t ys, int rn, int64_t cn)
+{
+        switch (cn) {
+        case 1: q8_wl_cols(wt, b0, bn, a, as, off, onb, keep, first, last, y, ys, rn, 1); break;
+        case 2: q8_wl_cols(wt, b0, bn, a, as, off, onb, keep, first, last, y, ys, rn, 2); break;
+        case 3: q8_wl_cols(wt, b0, bn, a, as, off, onb, keep, first, last, y, ys, rn, 3); break;
+        default: q8_wl_cols(wt, b0, bn, a, as, off, onb, keep, first, last, y, ys, rn, 4); break;
+        }
+}
+
 /* nr weight rows of nb blocks, ws <= INT32_MAX / 16 bytes apart, against
  * nc activation rows (at most Q8_WL_COLS when nb > Q8_GROUP) whose
- * offsets are off; a group of 16 rows' blocks at a time. */
+ * offsets are off; a band of 16 rows and a group of their blocks at a
+ * time. Short rows (one group) have their own loop, with nothing to keep:
+ * through the general one, with its tests, the attention's per-head
+ * products at one column ran 25-50% slower. */
 static void q8_wl_chunk(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a, size_t as,
                         int64_t nc, const int32_t *off, float *y, int64_t ys)
 {
@@ -404,32 +434,22 @@ static void q8_wl_chunk(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, con
         for (int64_t r0 = 0; r0 < nr; r0 += 16) {
                 const int rn = (int)MO_MIN(nr - r0, 16);
 
-                /* The 16 rows after the next, while these meet the
-                 * activations: the pack's walk down 16 rows at once defeats
-                 * the hardware's prefetch. Streamed from memory, wq_b of the
-                 * bench shape ran at half its in-cache speed at 16 columns
-                 * and a quarter at one. */
+                if (nb <= Q8_GROUP) {
+                        q8_wl_pack(&wt, 0, nb, w + (size_t)r0 * ws, ws, rn);
+                        q8_wl_prefetch(w, ws, nr, nb, r0, 0, 0, 1);
+                        for (int64_t c = 0; c < nc; c += 4)
+                                q8_wl_cols_n(&wt, 0, nb, a + (size_t)c * as, as, off + c * nb, nb, NULL, true,
+                                             true, y + c * ys + r0, ys, rn, MO_MIN(nc - c, 4));
+                        continue;
+                }
                 for (int64_t g0 = 0; g0 < nb; g0 += Q8_GROUP) {
                         const int64_t bn = MO_MIN(nb - g0, Q8_GROUP);
-                        const bool first = g0 == 0, last = g0 + bn == nb;
-
-                        for (int64_t r = r0 + 32; r < MO_MIN(r0 + 48, nr); r++)
-                                prefetch_l2(w + (size_t)r * ws + (size_t)g0 * sizeof(block_q8_0), (size_t)bn * sizeof(block_q8_0));
 
                         q8_wl_pack(&wt, g0, bn, w + (size_t)r0 * ws, ws, rn);
                         for (int64_t c = 0; c < nc; c += 4) {
-                                const uint8_t *ac = a + (size_t)c * as;
-                                const int32_t *oc = off + c * nb;
-                                /* one group: nothing kept */
-                                __m512 (*kc)[4] = nb > Q8_GROUP ? keep + c : NULL;
-                                float *yc = y + c * ys + r0;
-
-                                switch (MO_MIN(nc - c, 4)) {
-                                case 1: q8_wl_cols(&wt, g0, bn, ac, as, oc, nb, kc, first, last, yc, ys, rn, 1); break;
-                                case 2: q8_wl_cols(&wt, g0, bn, ac, as, oc, nb, kc, first, last, yc, ys, rn, 2); break;
-                                case 3: q8_wl_cols(&wt, g0, bn, ac, as, oc, nb, kc, first, last, yc, ys, rn, 3); break;
-                                default: q8_wl_cols(&wt, g0, bn, ac, as, oc, nb, kc, first, last, yc, ys, rn, 4); break;
-                                }
+                                q8_wl_prefetch(w, ws, nr, nb, r0, g0, c / 4, (nc + 3) / 4);
+                                q8_wl_cols_n(&wt, g0, bn, a + (size_t)c * as, as, off + c * nb, nb, keep + c,
+                                             g0 == 0, g0 + bn == nb, y + c * ys + r0, ys, rn, MO_MIN(nc - c, 4));
                         }
                 }
         }
@@ -454,175 +474,6 @@ static void q8_wl(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uin
         }
 }
 
-#ifdef __AVX512VNNI__
-/* One block of up to 16 activation rows with the rows in the lanes: q[t]
- * lane c is bytes 4t..4t+3 of row c plus 128 each (the unsigned side of
- * dpbusd, so that the signed weights can be broadcast from memory), d lane
- * c the row's block scale. The offset adds 128 x the sum of the block's
- * weights to every lane's dot, which the kernel takes off again. */
-struct q8_lanes_block {
-        __m512i q[8];
-        __m512 d;
-};
-
-#define Q8_LANES 16
-
-/* Transposes one block of rows [0, nt) into the lanes; lanes from nt on
- * read zeros. */
-static void q8_pack_block(struct q8_lanes_block *out, const uint8_t *a, size_t as, int nt,
-                          int64_t b, __m512i gidx, __mmask16 live)
-{
-        static const int8_t zero[32];
-        const void *row[16];
-
-        for (int c = 0; c < 16; c++)
-                row[c] = c < nt ? ((const block_q8_0 *)(a + (size_t)c * as) + b)->qs : (const void *)zero;
-        lanes_transpose(row, out->q);
-        for (int d = 0; d < 8; d++)
-                out->q[d] = _mm512_xor_si512(out->q[d], _mm512_set1_epi8((char)0x80));
-        out->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_mask_i32gather_epi32(
-                _mm512_setzero_si512(), live, gidx, a + (size_t)b * sizeof(block_q8_0), 1)));
-}
-
-/* 128 x the sum of the weights of block w (lanes 0-7) and, when rows is
- * 2, of the block ws bytes on (lanes 8-15): the activations' offset makes
- * every dot that much too large. vpsadbw sums the weights plus 128 as
- * unsigned bytes, so the sixteenth lane can carry an activation row
- * rather than the offset (a batch of 16 went 15 + 1, the one alone
- * streaming every weight a second time). */
-TILE_INLINE __m512i q8_weight_offset(const block_q8_0 *w, size_t ws, const int rows)
-{
-        const __m256i lo = _mm256_loadu_si256((const __m256i *)w->qs);
-        const __m512i q = rows == 2 ? _mm512_inserti64x4(_mm512_castsi256_si512(lo),
-                                                          _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)(
-                                                                  (const uint8_t *)w + ws))->qs), 1) :
-                                      _mm512_zextsi256_si512(lo);
-        /* Eight sums of eight (w + 128), then four of them per row. */
-        __m512i t = _mm512_sad_epu8(_mm512_xor_si512(q, _mm512_set1_epi8((char)0x80)), _mm512_setzero_si512());
-
-        t = _mm512_add_epi64(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
-        t = _mm512_add_epi64(t, _mm512_shuffle_i32x4(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
-        /* 128 x (sum - 32 x 128): the weights' own sum, scaled. */
-        return _mm512_sub_epi32(_mm512_slli_epi32(t, 7), _mm512_set1_epi32(QK8_0 * 128 * 128));
-}
-
-/* One block of `rows` (1 or 2) weight rows at w, ws apart, with every
- * lane's block: the lanes' quants are loaded once for both rows. */
-TILE_INLINE void q8_lanes_step(const block_q8_0 *w, size_t ws, const struct q8_lanes_block *x,
-                               __m512 *acc0, __m512 *acc1, const int rows)
-{
-        const __m512i off = q8_weight_offset(w, ws, rows);
-        __m512i xq[8];
-        __m512 *acc[2] = { acc0, acc1 };
-
-        for (int t = 0; t < 8; t++)
-                xq[t] = _mm512_load_si512(&x->q[t]);
-        for (int r = 0; r < rows; r++) {
-                const block_q8_0 *wb = (const block_q8_0 *)((const uint8_t *)w + r * ws);
-                const uint8_t *q = (const uint8_t *)wb->qs;
-                __m512i s[4] = { _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                                 _mm512_setzero_si512() };
-                __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_to_f32(wb->d)), x->d);
-
-                /* Four short integer chains rather than one long one. */
-                for (int t = 0; t < 8; t++)
-                        s[t % 4] = _mm512_dpbusd_epi32(s[t % 4], xq[t], _mm512_set1_epi32((int)mo_load_u32le(q + 4 * t)));
-                s[0] = _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]));
-                s[0] = _mm512_sub_epi32(s[0], _mm512_permutexvar_epi32(_mm512_set1_epi32(8 * r), off));
-                *acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), sc, *acc[r]);
-        }
-}
-
-/* The weight rows w (and w + ws when rows is 2) over blocks [0, bn) of
- * the pack, continuing the chains in acc[row][chain]. bn counts from a
- * multiple of 16, so block b's chain is (b % 16) / 4. */
-TILE_INLINE void q8_lanes_rows(const block_q8_0 *w, size_t ws, const struct q8_lanes_block *pk,
-                               int64_t bn, __m512 acc[2][4], const int rows)
-{
-        int64_t b = 0;
-
-        /* The four chains take turns so that no step waits on the one
-         * before it; each still sees its blocks in order. */
-        for (; b + Q8_GROUP <= bn; b += Q8_GROUP)
-                for (int q = 0; q < 4; q++)
-                        for (int s = 0; s < 4; s++)
-                                q8_lanes_step(w + b + 4 * s + q, ws, &pk[b + 4 * s + q],
-                                              &acc[0][s], &acc[1][s], rows);
-        for (; b < bn; b++)
-                q8_lanes_step(w + b, ws, &pk[b], &acc[0][b % 16 / 4], &acc[1][b % 16 / 4], rows);
-}
-
-/* Both lanes kernels keep each weight row's four chains across the packs
- * of one call. lanes_chains_begin takes up those of rows r and r + 1
- * (zeros at the first pack); lanes_chains_end puts them back, or after
- * the last pack sums them, (c0 + c1) + (c2 + c3), into the outputs of the
- * nt live lanes: y[c * ys + r]. */
-TILE_INLINE void lanes_chains_begin(__m512 acc[2][4], __m512 keep[][4], int64_t r, int rows, bool first)
-{
-        for (int i = 0; i < rows; i++)
-                for (int s = 0; s < 4; s++)
-                        acc[i][s] = first ? _mm512_setzero_ps() : keep[r + i][s];
-}
-
-TILE_INLINE void lanes_chains_end(__m512 acc[2][4], __m512 keep[][4], int64_t r, int rows, bool last,
-                                  float *y, int64_t ys, int nt)
-{
-        for (int i = 0; i < rows; i++) {
-                float out[16];
-
-                if (!last) {
-                        for (int s = 0; s < 4; s++)
-                                keep[r + i][s] = acc[i][s];
-                        continue;
-                }
-                _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]),
-                                                    _mm512_add_ps(acc[i][2], acc[i][3])));
-                for (int c = 0; c < nt; c++)
-                        y[c * ys + r + i] = out[c];
-        }
-}
-
-/* nr weight rows against nt <= Q8_LANES activation rows. */
-static void q8_lanes(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, const uint8_t *a,
-                     size_t as, int nt, float *y, int64_t ys)
-{
-        struct q8_lanes_block pk[Q8_PACK_BLOCKS];
-        __m512 keep[Q8_PACK_ROWS][4];
-        const __m512i gidx = lanes_offsets(as);
-        const __mmask16 live = (__mmask16)((1u << nt) - 1);
-
-        for (int64_t r0 = 0; r0 < nr; r0 += Q8_PACK_ROWS) {
-                int64_t rn = MO_MIN(nr - r0, Q8_PACK_ROWS);
-
-                for (int64_t b0 = 0; b0 < nb; b0 += Q8_PACK_BLOCKS) {
-                        int64_t bn = MO_MIN(nb - b0, Q8_PACK_BLOCKS);
-
-                        for (int64_t b = 0; b < bn; b++)
-                                q8_pack_block(&pk[b], a, as, nt, b0 + b, gidx, live);
-                        for (int64_t r = 0; r < rn; r += 2) {
-                                const block_q8_0 *wr = (const block_q8_0 *)(w + (size_t)(r0 + r) * ws) + b0;
-                                const int rows = rn - r >= 2 ? 2 : 1;
-                                __m512 acc[2][4];
-
-                                /* The lanes take a row's blocks in the chains' order,
-                                 * two rows at a time, which the hardware's prefetchers
-                                 * do not follow: on the output head it ran at 60% of
-                                 * its in-cache speed without this. */
-                                for (int64_t p = r0 + r + 4; p < MO_MIN(r0 + r + 4 + rows, nr); p++)
-                                        prefetch_l2(w + (size_t)p * ws + (size_t)b0 * sizeof(block_q8_0),
-                                                    (size_t)bn * sizeof(block_q8_0));
-                                lanes_chains_begin(acc, keep, r, rows, b0 == 0);
-                                if (rows == 2)
-                                        q8_lanes_rows(wr, ws, pk, bn, acc, 2);
-                                else
-                                        q8_lanes_rows(wr, ws, pk, bn, acc, 1);
-                                lanes_chains_end(acc, keep, r, rows, b0 + bn == nb, y + r0, ys, nt);
-                        }
-                }
-        }
-}
-#endif
-
 /* The row kernel over nr weight rows, each activation row's scales and
  * quants taken out once for all of them (no joining of two blocks' halves
  * per use), as many activation rows at a time as fit the stack. */
@@ -636,7 +487,7 @@ static void q8_rows(int64_t nb, const void *w, size_t ws, int64_t nr, const uint
         int8_t xq[XS_GROUPS * Q8_GROUP * QK8_0] __attribute__((aligned(64)));
         /* Past 64 groups (k over 32768) the activations are read in place. */
         const bool fit = ng <= XS_GROUPS;
-        const int64_t per = MO_MIN(fit ? MO_MAX(XS_GROUPS / MO_MAX(ng, 1), 1) : 1, Q8_LANES_MIN - 1);
+        const int64_t per = MO_MIN(fit ? MO_MAX(XS_GROUPS / MO_MAX(ng, 1), 1) : 1, Q8_WL_MIN - 1);
 
         for (int64_t c0 = 0; c0 < nc; c0 += per) {
                 int64_t cn = MO_MIN(nc - c0, per);
@@ -663,26 +514,18 @@ static void gemm_Q8_0(int64_t n, const void *w, size_t ws, int64_t nr, const voi
                       int64_t nc, float *y, int64_t ys)
 {
         const int64_t nb = n / QK8_0;
-        int64_t c = 0;
 
 #ifdef __AVX512VNNI__
-        /* Both kinds of lanes gather with 32-bit offsets. Rows shorter
-         * than a group stay on the weight lanes at every batch size: they
-         * already share each packed block among the activation rows, and
-         * the lanes kernel's set-up per group of 16 blocks does not pay
-         * for two. */
-        if (nb >= Q8_GROUP && nb <= Q8_WL_OFFSETS && nc >= Q8_WL_FULL_MIN && ws <= (size_t)INT32_MAX / 16) {
+        /* Full rows from Q8_WL_MIN activation rows on; the weight lanes
+         * gather the rows' scales with 32-bit offsets. */
+        if (nb >= Q8_GROUP && nb <= Q8_WL_OFFSETS && nc >= Q8_WL_MIN && ws <= (size_t)INT32_MAX / 16) {
                 q8_wl(nb, w, ws, nr, (const uint8_t *)a, as, nc, y, ys);
                 return;
         }
-        if (nb >= Q8_GROUP && as <= (size_t)INT32_MAX / 16)
-                for (; nc - c >= Q8_LANES_MIN; c += MO_MIN(nc - c, Q8_LANES))
-                        q8_lanes(nb, w, ws, nr, (const uint8_t *)a + c * as, as,
-                                 (int)MO_MIN(nc - c, Q8_LANES), y + c * ys, ys);
 #endif
-        /* The weight lanes' gather offsets are 32-bit too. */
-        if (c < nc && nb < Q8_GROUP && ws <= (size_t)INT32_MAX / 16)
-                q8_wl(nb, w, ws, nr, (const uint8_t *)a + c * as, as, nc - c, y + c * ys, ys);
-        else if (c < nc)
-                q8_rows(nb, w, ws, nr, (const uint8_t *)a + c * as, as, nc - c, y + c * ys, ys);
+        /* Short rows at every batch size, the same gather. */
+        if (nb < Q8_GROUP && ws <= (size_t)INT32_MAX / 16)
+                q8_wl(nb, w, ws, nr, a, as, nc, y, ys);
+        else
+                q8_rows(nb, w, ws, nr, a, as, nc, y, ys);
 }
