@@ -388,7 +388,7 @@ TILE_INLINE void q8_wl_cols(const struct q8_wl_rows *wt, int64_t b0, int64_t bn,
  * 16 columns and a quarter at one without. Longer rows take the same
  * group of the next 16 rows, spread over the chunks: issued at once, the
  * prefetches overran the memory's queue (the output head at 16 columns,
- * two threads, 129-152 GMAC/s that way, 184-193 spread). */
+ * two threads, 129-152 GMAC/s that way, 183-193 spread). */
 TILE_INLINE void q8_wl_prefetch(const uint8_t *w, size_t ws, int64_t nr, int64_t nb, int64_t r0, int64_t g0,
                                 int64_t k, int64_t nk)
 {
