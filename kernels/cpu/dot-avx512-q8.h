@@ -380,28 +380,18 @@ TILE_INLINE void q8_wl_cols(const struct q8_wl_rows *wt, int64_t b0, int64_t bn,
         }
 }
 
-/* Prefetches for the band of 16 rows from r0 of q8_wl_chunk, before
- * the k-th of its nk chunks of columns in the group from block g0: the
- * pack's walk down 16 rows at once defeats the hardware's prefetch.
- * Short rows (one group) take the whole of the 16 rows after the next at
- * once, as tuned on wq_b: streamed, it ran at half its in-cache speed at
- * 16 columns and a quarter at one without. Longer rows take the same
- * group of the next 16 rows, spread over the chunks: issued at once, the
+/* The pack's walk down 16 rows at once defeats the hardware's prefetch,
+ * so q8_wl_chunk prefetches. Rows past one group: before the k-th of nk
+ * chunks of columns in the group from block g0 of the band from row r0,
+ * its share of the same group of the next 16 rows. Issued at once, those
  * prefetches overran the memory's queue (the output head at 16 columns,
- * two threads, 129-152 GMAC/s that way, 183-193 spread). */
+ * two threads, 129-152 GMAC/s that way, 183-193 spread over the chunks). */
 TILE_INLINE void q8_wl_prefetch(const uint8_t *w, size_t ws, int64_t nr, int64_t nb, int64_t r0, int64_t g0,
                                 int64_t k, int64_t nk)
 {
         const size_t bsz = sizeof(block_q8_0);
-        int64_t per, p0;
+        const int64_t per = (16 + nk - 1) / nk, p0 = r0 + 16 + k * per;
 
-        if (nb <= Q8_GROUP) {
-                for (int64_t r = r0 + 32; k == 0 && r < MO_MIN(r0 + 48, nr); r++)
-                        prefetch_l2(w + (size_t)r * ws, (size_t)nb * bsz);
-                return;
-        }
-        per = (16 + nk - 1) / nk;
-        p0 = r0 + 16 + k * per;
         for (int64_t r = p0; r < MO_MIN(MO_MIN(p0 + per, r0 + 32), nr); r++)
                 prefetch_l2(w + (size_t)r * ws + (size_t)g0 * bsz, (size_t)MO_MIN(nb - g0, Q8_GROUP) * bsz);
 }
@@ -436,7 +426,11 @@ static void q8_wl_chunk(int64_t nb, const uint8_t *w, size_t ws, int64_t nr, con
 
                 if (nb <= Q8_GROUP) {
                         q8_wl_pack(&wt, 0, nb, w + (size_t)r0 * ws, ws, rn);
-                        q8_wl_prefetch(w, ws, nr, nb, r0, 0, 0, 1);
+                        /* The whole of the 16 rows after the next, as tuned
+                         * on wq_b: streamed, it ran at half its in-cache
+                         * speed at 16 columns and a quarter at one without. */
+                        for (int64_t r = r0 + 32; r < MO_MIN(r0 + 48, nr); r++)
+                                prefetch_l2(w + (size_t)r * ws, (size_t)nb * sizeof(block_q8_0));
                         for (int64_t c = 0; c < nc; c += 4)
                                 q8_wl_cols_n(&wt, 0, nb, a + (size_t)c * as, as, off + c * nb, nb, NULL, true,
                                              true, y + c * ys + r0, ys, rn, MO_MIN(nc - c, 4));
