@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "common/cleanup.h"
+#include "engine/gguf.h"
 #include "engine/moe.h"
 #include "engine/placement.h"
 #include "kernels/collective.h"
@@ -945,6 +946,12 @@ float *fwd_logits(const struct fwd_ctx *f)
         return OPS(f)->host_memory ? f->logits : NULL;
 }
 
+static int model_file_damaged(struct moerr *e)
+{
+        return moerr_set(e, -EIO, "the model file was cut short or overwritten while in use; "
+                                  "restore it and load the model again");
+}
+
 int fwd_step(struct fwd_ctx *f, struct kv_cache *kv, struct fwd_seq *seqs, int n_seqs, float *logits,
              struct moerr *e)
 {
@@ -958,6 +965,8 @@ int fwd_step(struct fwd_ctx *f, struct kv_cache *kv, struct fwd_seq *seqs, int n
                 return r;
         if (n == 0)
                 return 0;
+        if (gguf_damaged(f->m->file))
+                return model_file_damaged(e);
         if ((r = ensure_logits(f, n_out)) < 0)
                 return moerr_set(e, r, "out of memory for %lld rows of logits", (long long)n_out);
 
@@ -974,6 +983,9 @@ int fwd_step(struct fwd_ctx *f, struct kv_cache *kv, struct fwd_seq *seqs, int n
                                  (size_t)n_out * hp->n_vocab * sizeof(float));
         else
                 OPS(f)->sync(f->b);
+        /* Pages the step read may have been zeros: nothing of it stands. */
+        if (gguf_damaged(f->m->file))
+                return model_file_damaged(e);
         for (int s = 0; s < n_seqs; s++)
                 seqs[s].kv->n_tokens = seqs[s].pos0 + seqs[s].n_tokens;
         return 0;

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "common/cleanup.h"
+#include "common/mapguard.h"
 #include "kernels/quant.h"
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
@@ -720,8 +721,12 @@ int gguf_open(const char *path, struct gguf **out, struct moerr *e)
         map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (map == MAP_FAILED)
                 return moerr_set(e, -errno, "%s: cannot map: %s", path, strerror(errno));
+        /* From here on a file cut short under us reads as zeros, not
+         * SIGBUS; gguf_damaged() tells. Unguarded, it still works. */
+        mo_mapguard_add(map, (size_t)st.st_size);
         r = gguf_open_buffer(map, (size_t)st.st_size, out, e);
         if (r < 0) {
+                mo_mapguard_remove(map);
                 munmap(map, (size_t)st.st_size);
                 return moerr_prefix(e, r, "%s", path);
         }
@@ -740,9 +745,16 @@ void gguf_close(struct gguf *g)
         free(g->strtab);
         free(g->kv_index);
         free(g->tensor_index);
-        if (g->map)
+        if (g->map) {
+                mo_mapguard_remove(g->map);
                 munmap(g->map, g->size);
+        }
         free(g);
+}
+
+bool gguf_damaged(const struct gguf *g)
+{
+        return g && g->map && mo_mapguard_faulted(g->map);
 }
 
 uint32_t gguf_version(const struct gguf *g) { return g->version; }

@@ -42,6 +42,11 @@ int gguf_open(const char *path, struct gguf **out, struct moerr *e);
 /* Validates a buffer in memory (not copied: it must outlive the gguf). */
 int gguf_open_buffer(const void *data, size_t size, struct gguf **out, struct moerr *e);
 void gguf_close(struct gguf *g);
+/* Whether the mapped file lost pages under us (truncated or rewritten in
+ * place while open): reads of them gave zeros (common/mapguard.h), so
+ * whatever was computed from the file since may be wrong. Always false for
+ * gguf_open_buffer. */
+bool gguf_damaged(const struct gguf *g);
 
 uint32_t gguf_version(const struct gguf *g);
 size_t gguf_alignment(const struct gguf *g);

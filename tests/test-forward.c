@@ -19,6 +19,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "engine/forward.h"
 #include "engine/gguf.h"
@@ -699,6 +701,58 @@ static void forward_rejects_bad_batches(void **state)
         eng_close(&g);
 }
 
+/* A copy of the file at from, at tu_path(name). */
+static const char *copy_file(const char *from, const char *name)
+{
+        const char *to = tu_path(name);
+        FILE *in = fopen(from, "rb"), *out = fopen(to, "wb");
+        char buf[65536];
+        size_t n;
+
+        assert_non_null(in);
+        assert_non_null(out);
+        while ((n = fread(buf, 1, sizeof buf, in)) > 0)
+                assert_int_equal(fwrite(buf, 1, n, out), n);
+        fclose(in);
+        assert_int_equal(fclose(out), 0);
+        return to;
+}
+
+/* The model file is cut short while the engine runs on it (a copy over
+ * it, in place): the step that reads the missing pages, and every one
+ * after, fails with a message, and nothing crashes. */
+static void forward_fails_cleanly_when_its_file_is_cut_short(void **state)
+{
+        const char *path = copy_file(tu_fixture("tiny", MO_TYPE_Q8_0, false), "cut-short.gguf");
+        struct eng g = {0};
+        struct kv_seq kv = {0};
+        struct moerr e = {0};
+        int32_t t[4] = { 1, 2, 3, 4 };
+        struct stat st;
+        float *logits;
+
+        (void)state;
+        eng_open(&g, path, 2, 8);
+        logits = malloc(4 * g.m->hp.n_vocab * sizeof(float));
+        assert_int_equal(kv_seq_reserve(g.kv, &kv, 8), 0);
+        struct fwd_seq s = { .kv = &kv, .tokens = t, .n_tokens = 2 };
+        assert_int_equal(fwd_step(g.f, g.kv, &s, 1, logits, &e), 0);
+        assert_int_equal(stat(path, &st), 0);
+        assert_int_equal(truncate(path, st.st_size / 2), 0);
+
+        s.tokens = t + 2;
+        s.pos0 = 2;
+        assert_int_equal(fwd_step(g.f, g.kv, &s, 1, logits, &e), -EIO);
+        assert_non_null(strstr(e.msg, "model file was cut short"));
+        assert_int_equal(kv.n_tokens, 2); /* the failed step took no place in the cache */
+        assert_int_equal(fwd_step(g.f, g.kv, &s, 1, logits, &e), -EIO);
+
+        kv_seq_release(g.kv, &kv);
+        free(logits);
+        eng_close(&g);
+        unlink(path);
+}
+
 /* ---- experts sharded over virtual devices ---- */
 
 static const char *const sharded_shapes[] = { "tiny", "tiny-softmax", "tiny-legacy", "tiny-noqlora",
@@ -915,6 +969,7 @@ int main(void)
                 cmocka_unit_test(forward_expert_waves_do_not_change_logits),
                 cmocka_unit_test(forward_is_identical_across_thread_counts),
                 cmocka_unit_test(forward_rejects_bad_batches),
+                cmocka_unit_test(forward_fails_cleanly_when_its_file_is_cut_short),
                 cmocka_unit_test(forward_sharded_equals_unsharded),
                 cmocka_unit_test(forward_sharded_mixed_batch_equals_unsharded),
                 cmocka_unit_test(forward_set_devices_rejects_bad_counts),

@@ -15,11 +15,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "common/cleanup.h"
+#include "common/mapguard.h"
 #include "engine/gguf-write.h"
 #include "engine/gguf.h"
 #include "kernels/quant.h"
@@ -1034,6 +1038,100 @@ static void gguf_opens_a_sparse_1_5_gb_file_without_reading_it(void **state)
 
 /* --- the writer's own checks --- */
 
+/* A file of one 64 KiB tensor, written to path; returns its data offset. */
+static size_t write_big_file(const char *path)
+{
+        enum { N = 16 * 1024 };
+        struct gguf_writer *w = gguf_writer_new();
+        struct moerr e = { { 0 } };
+        float *x = malloc(N * sizeof *x);
+        struct gguf *g;
+        size_t off;
+
+        assert_non_null(x);
+        for (int i = 0; i < N; i++)
+                x[i] = 1.0f + (float)i;
+        assert_int_equal(gguf_w_tensor(w, "big", MO_TYPE_F32, 1, (int64_t[]){ N }, x), 0);
+        assert_int_equal(gguf_writer_write(w, path, &e), 0);
+        gguf_writer_free(w);
+        free(x);
+        assert_int_equal(gguf_open(path, &g, &e), 0);
+        off = gguf_data_offset(g);
+        gguf_close(g);
+        return off;
+}
+
+/* Someone copies another file over a model in use: the pages past the new
+ * end must read as zeros and mark the file, not kill the process. */
+static void gguf_survives_its_file_cut_short_while_mapped(void **state)
+{
+        const char *path = TMP_PATH("cut.gguf");
+        size_t off = write_big_file(path);
+        struct moerr e = { { 0 } };
+        const struct gguf_tensor *t;
+        const volatile float *data;
+        struct gguf *g;
+
+        (void)state;
+        assert_int_equal(gguf_open(path, &g, &e), 0);
+        t = gguf_find_tensor(g, "big");
+        data = t->data;
+        assert_true(data[16 * 1024 - 1] == 16384.0f);
+        assert_false(gguf_damaged(g));
+        assert_int_equal(truncate(path, (off_t)off), 0);
+        assert_true(data[16 * 1024 - 1] == 0.0f);
+        assert_true(data[8 * 1024] == 0.0f);
+        assert_true(gguf_damaged(g));
+        gguf_close(g);
+
+        /* A fresh mapping of the shortened file starts unmarked. */
+        off = write_big_file(path);
+        assert_int_equal(gguf_open(path, &g, &e), 0);
+        assert_false(gguf_damaged(g));
+        gguf_close(g);
+        unlink(path);
+}
+
+/* The guard answers only for its own mappings: a SIGBUS anywhere else
+ * still ends the process (in a child here). */
+static void gguf_guard_leaves_other_mappings_fatal(void **state)
+{
+        const char *path = TMP_PATH("other.gguf");
+        size_t off = write_big_file(path);
+        struct moerr e = { { 0 } };
+        struct gguf *g;
+        int status;
+        pid_t pid;
+
+        (void)state;
+        assert_int_equal(gguf_open(path, &g, &e), 0);
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                int fd = open(path, O_RDONLY);
+                const volatile uint8_t *p;
+
+                /* The default action behind the guard, not the test
+                 * harness's handler, which would carry on with the tests
+                 * in this child; guarding another mapping puts it back. */
+                signal(SIGBUS, SIG_DFL);
+                if (fd < 0 || mo_mapguard_add(gguf_file_data(g), gguf_file_size(g)) < 0)
+                        _exit(3);
+                p = mmap(NULL, off + 64 * 1024, PROT_READ, MAP_PRIVATE, fd, 0);
+                if (p == MAP_FAILED || ftruncate(open(path, O_WRONLY), (off_t)off) < 0)
+                        _exit(3);
+                _exit(p[off + 32 * 1024] == 0 ? 0 : 4);
+        }
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        /* Killed by SIGBUS, or by the sanitizer's report of it. */
+        if (WIFSIGNALED(status))
+                assert_int_equal(WTERMSIG(status), SIGBUS);
+        else
+                assert_true(WIFEXITED(status) && WEXITSTATUS(status) != 0 && WEXITSTATUS(status) != 3);
+        gguf_close(g);
+        unlink(path);
+}
+
 static void gguf_writer_refuses_bad_tensors(void **state)
 {
         struct gguf_writer *w = gguf_writer_new();
@@ -1228,6 +1326,8 @@ int main(int argc, char **argv)
                 cmocka_unit_test(gguf_open_reports_missing_and_tiny_files),
                 cmocka_unit_test(gguf_open_names_the_file_in_errors),
                 cmocka_unit_test(gguf_opens_a_sparse_1_5_gb_file_without_reading_it),
+                cmocka_unit_test(gguf_survives_its_file_cut_short_while_mapped),
+                cmocka_unit_test(gguf_guard_leaves_other_mappings_fatal),
                 cmocka_unit_test(gguf_writer_refuses_bad_tensors),
                 cmocka_unit_test(gguf_writer_follows_an_alignment_key_set_directly),
                 cmocka_unit_test(gguf_writer_reports_fill_and_path_failures),

@@ -183,14 +183,20 @@ void mo_pool_free(struct mo_pool *p)
         free(p);
 }
 
-/* Workers block every signal: the daemon handles signals on its main loop
- * (signalfd), which requires them blocked in all threads. */
+/* Workers block every signal the daemon handles on its main loop
+ * (signalfd, which requires them blocked in all threads), which is every
+ * signal but those a fault raises in the faulting thread: blocked, those
+ * kill the process without running a handler, and a worker reading a
+ * model file cut short must reach common/mapguard.c's. */
 static int start_workers(struct mo_pool *p, struct moerr *e)
 {
+        static const int faults[] = { SIGBUS, SIGSEGV, SIGFPE, SIGILL };
         sigset_t all, old;
         int r = 0;
 
         sigfillset(&all);
+        for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++)
+                sigdelset(&all, faults[i]);
         pthread_sigmask(SIG_SETMASK, &all, &old);
         for (int i = 0; i < p->n_threads - 1 && r == 0; i++) {
                 struct worker *w = &p->workers[i];
