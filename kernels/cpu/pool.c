@@ -183,11 +183,11 @@ void mo_pool_free(struct mo_pool *p)
         free(p);
 }
 
-/* Workers block every signal the daemon handles on its main loop
- * (signalfd, which requires them blocked in all threads), which is every
- * signal but those a fault raises in the faulting thread: blocked, those
- * kill the process without running a handler, and a worker reading a
- * model file cut short must reach common/mapguard.c's. */
+/* Workers block every signal but the faults: the daemon handles signals
+ * on its main loop (signalfd), which requires them blocked in all threads.
+ * A fault is raised in the thread that made it, and blocked there it kills
+ * the process without running a handler; a worker reading a model file cut
+ * short must reach common/mapguard.c's. */
 static int start_workers(struct mo_pool *p, struct moerr *e)
 {
         static const int faults[] = { SIGBUS, SIGSEGV, SIGFPE, SIGILL };
